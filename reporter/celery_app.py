@@ -1,0 +1,100 @@
+"""The Celery app, configured in this one place: `celery -A reporter.celery_app worker|beat|…`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from reporter import defaults
+from reporter.errors import ConfigError
+from reporter.settings import Settings
+
+log = logging.getLogger(__name__)
+
+settings = Settings.from_env()
+
+app = Celery("reporter", include=["reporter.tasks"])
+app.conf.update(
+    broker_url=settings.broker_url or "redis://127.0.0.1:6379/0",
+    broker_connection_retry_on_startup=True,
+    # JSON only: no pickle, so a message can never run code it carries.
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    timezone="UTC",
+    enable_utc=True,
+    # Acknowledge after the work, and hand the message back if the worker process dies:
+    # the ledger's claim turns the resulting redelivery into a no-op when the work was done.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    task_queues=(Queue(defaults.QUEUE_URGENT), Queue(defaults.QUEUE_SCHEDULED)),
+    task_default_queue=defaults.QUEUE_SCHEDULED,
+    task_soft_time_limit=defaults.SOFT_TIME_LIMIT,
+    task_time_limit=defaults.TIME_LIMIT,
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    beat_scheduler="reporter.beat:Scheduler",
+    beat_max_loop_interval=30,
+    broker_transport_options={"visibility_timeout": defaults.DISPATCH_WINDOW + defaults.TIME_LIMIT + defaults.VISIBILITY_MARGIN},
+)
+
+
+def configure_from(config: Any) -> None:
+    """Apply the parts of schedules.yaml that Celery itself must know before it connects."""
+    from reporter.beat import dispatcher_cron
+    from reporter.schedule import period
+
+    d = config.defaults
+    app.conf.task_soft_time_limit = d.soft_time_limit
+    app.conf.task_time_limit = d.time_limit
+    # Redis redelivers an unacknowledged message after visibility_timeout, even to a live worker
+    # still waiting for its ETA; it must outlast the longest ETA the dispatcher gives plus a send.
+    window = defaults.DISPATCH_WINDOW
+    found = dispatcher_cron(config)
+    if found is not None:
+        from datetime import UTC, datetime
+
+        window = int(max(period(found[0], found[1], datetime.now(UTC)).total_seconds(), 60))
+    app.conf.broker_transport_options = {"visibility_timeout": int(window + d.time_limit + defaults.VISIBILITY_MARGIN)}
+
+
+def _load_or_exit() -> None:
+    from reporter.runtime import runtime
+
+    try:
+        configure_from(runtime().config)
+    except ConfigError as exc:
+        print(f"reporter: invalid configuration, not starting:\n{exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+try:
+    from reporter.runtime import runtime as _runtime
+
+    configure_from(_runtime().config)
+except ConfigError:
+    pass  # reported, with every problem, when a worker or beat starts (below)
+
+
+@signals.worker_init.connect
+def _worker_init(**_: Any) -> None:
+    _load_or_exit()
+
+
+@signals.beat_init.connect
+def _beat_init(**_: Any) -> None:
+    _load_or_exit()
+
+
+@signals.worker_process_init.connect
+def _child_init(**_: Any) -> None:
+    from reporter.runtime import reset
+
+    reset()  # database engines and Redis connections must not be shared across the fork

@@ -1,0 +1,454 @@
+"""schedules.yaml -> a typed, immutable Config. Every problem is reported at once, with file and line.
+
+Loading happens in three passes so one mistake never hides another:
+1. YAML to plain data, remembering the line of every key and value (duplicate keys are errors);
+2. ``${VAR}`` expansion from the environment;
+3. the pydantic model, then checks across fields (datasources, templates, crons, time limits).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import zoneinfo
+from collections.abc import Mapping
+from email.utils import formataddr, parseaddr
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from email_validator import EmailNotValidError, validate_email
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from reporter import defaults as dflt
+from reporter.errors import ConfigError, Problem
+from reporter.schedule import cron_problem
+
+Path_ = tuple[str | int, ...]
+
+KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.send")
+"""Task names a beat entry may name."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Defaults(_Model):
+    sender: str = dflt.SENDER
+    rate_limit: str = dflt.RATE_LIMIT
+    soft_time_limit: Annotated[float, Field(gt=0)] = dflt.SOFT_TIME_LIMIT
+    time_limit: Annotated[float, Field(gt=0)] = dflt.TIME_LIMIT
+    max_retries: Annotated[int, Field(ge=0)] = dflt.MAX_RETRIES
+    catch_up_grace: Annotated[float, Field(ge=0)] = dflt.CATCH_UP_GRACE
+    retention_days: Annotated[int, Field(gt=0)] = dflt.RETENTION_DAYS
+
+
+class Datasource(_Model):
+    url: str
+    seed: str | None = None
+    """SQL script run once when the database has no tables yet (demo and test data)."""
+
+
+class BeatEntry(_Model):
+    task: str
+    cron: str
+    timezone: str | None = None
+
+
+class Query(_Model):
+    datasource: str
+    sql: str
+    params: dict[str, Any] = {}
+
+
+Format = Literal["html", "pdf", "csv"]
+
+
+class Report(_Model):
+    schedule: str
+    timezone: str | None = None
+    subject: str
+    template: str
+    text_template: str | None = None
+    query: Query | None = None
+    function: str | None = None
+    formats: tuple[Format, ...] = ("html",)
+    recipients: tuple[str, ...]
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    owners: tuple[str, ...] = ()
+    group: bool = False
+    """One email to all recipients instead of one each."""
+    enabled: bool = True
+    sender: str | None = None
+    rate_limit: str | None = None
+    max_retries: Annotated[int, Field(ge=0)] | None = None
+    description: str | None = None
+
+    @field_validator("formats")
+    @classmethod
+    def _unique_formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a format twice")
+        return value
+
+
+class Config(_Model):
+    timezone: str = dflt.TIMEZONE
+    defaults: Defaults = Defaults()
+    datasources: dict[str, Datasource] = {}
+    beat: dict[str, BeatEntry] = {}
+    reports: dict[str, Report]
+
+    _source: Path = PrivateAttr(default=Path(dflt.CONFIG_PATH))
+    _templates_dir: Path = PrivateAttr(default=Path(dflt.TEMPLATES_DIRNAME))
+
+    @property
+    def source(self) -> Path:
+        """The file this config was read from."""
+        return self._source
+
+    @property
+    def templates_dir(self) -> Path:
+        """Where the reports' templates are looked up."""
+        return self._templates_dir
+
+    def report(self, name: str) -> Report:
+        """The report called NAME, or a ConfigError that lists the known names."""
+        try:
+            return self.reports[name]
+        except KeyError:
+            known = ", ".join(sorted(self.reports)) or "none"
+            hint = _did_you_mean(name, self.reports)
+            raise ConfigError(
+                [Problem(str(self.source), None, "reports", f"no report named {name!r}{hint} (known: {known})")]
+            ) from None
+
+    def zone(self, report: Report) -> zoneinfo.ZoneInfo:
+        """The report's own timezone, else the config's."""
+        return zoneinfo.ZoneInfo(report.timezone or self.timezone)
+
+    def sender_of(self, report: Report) -> str:
+        return report.sender or self.defaults.sender
+
+    def rate_of(self, report: Report) -> float:
+        """The report's send rate in emails per second."""
+        return parse_rate(report.rate_limit or self.defaults.rate_limit)
+
+    def retries_of(self, report: Report) -> int:
+        return self.defaults.max_retries if report.max_retries is None else report.max_retries
+
+    def seed_path(self, source: Datasource) -> Path | None:
+        return None if source.seed is None else self.source.parent / source.seed
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: Path, environ: Mapping[str, str], templates_dir: Path | None = None) -> Config:
+    """Read, expand and validate PATH. Raises ConfigError listing every problem found."""
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([Problem(file, None, "", "file not found; set REPORTER_CONFIG or run from the folder that has it")]) from None
+    except OSError as exc:
+        raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(file, None, "", "not a UTF-8 text file; is this the right file?")]) from None
+    if "\x00" in text:
+        raise ConfigError([Problem(file, None, "", "contains NUL bytes; not a YAML text file")])
+    return parse(text, file, environ, templates_dir or path.parent / dflt.TEMPLATES_DIRNAME)
+
+
+def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path) -> Config:
+    """Validate YAML TEXT (named FILE in messages). Raises ConfigError listing every problem found."""
+    problems: list[Problem] = []
+    data, lines = _read_yaml(text, file)
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
+        raise ConfigError([Problem(file, lines.get((), 1) if data is not None else None, "", f"the document is {kind}; expected a mapping with at least 'reports:'")])
+    data = _expand(data, (), environ, file, lines, problems)
+
+    def line_of(loc: Path_) -> int | None:
+        while loc and loc not in lines:
+            loc = loc[:-1]
+        return lines.get(loc)
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problems.append(Problem(file, line_of(loc), _dotted(loc), _message(err, loc)))
+        raise ConfigError(_sorted(problems)) from None
+    config._source = Path(file)
+    config._templates_dir = templates_dir
+    problems.extend(_check(config, file, line_of))
+    if problems:
+        raise ConfigError(_sorted(problems))
+    return config
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader; we walk its node tree ourselves to keep the line of every key."""
+
+
+def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
+    lines: dict[Path_, int] = {}
+    try:
+        loader = _LineLoader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([Problem(file, line, "", f"YAML syntax error: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(file, None, "", f"YAML error: {exc}")]) from None
+    if node is None:
+        return None, lines
+    problems: list[Problem] = []
+    constructor = _LineLoader("")
+
+    def walk(n: yaml.Node, path: Path_, depth: int) -> Any:
+        lines.setdefault(path, n.start_mark.line + 1)
+        if depth > 50:
+            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), "nested too deeply"))
+            return None
+        if isinstance(n, yaml.MappingNode):
+            constructor.flatten_mapping(n)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                try:
+                    key = constructor.construct_object(key_node, deep=True)
+                    hash(key)
+                except (yaml.YAMLError, TypeError):
+                    problems.append(Problem(file, key_node.start_mark.line + 1, _dotted(path), "a key must be a plain value"))
+                    continue
+                key = str(key) if not isinstance(key, str) else key
+                if key in out:
+                    first = lines.get((*path, key))
+                    problems.append(
+                        Problem(file, key_node.start_mark.line + 1, _dotted((*path, key)), f"duplicate key (first defined on line {first}); YAML would silently keep only the last")
+                    )
+                    continue
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = walk(value_node, (*path, key), depth + 1)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(item, (*path, i), depth + 1) for i, item in enumerate(n.value)]
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.YAMLError as exc:
+            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad value: {getattr(exc, 'problem', exc)}"))
+            return None
+
+    data = walk(node, (), 0)
+    if problems:
+        raise ConfigError(_sorted(problems))
+    return data, lines
+
+
+def _expand(value: Any, path: Path_, environ: Mapping[str, str], file: str, lines: dict[Path_, int], problems: list[Problem]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; $$ is a literal $."""
+    if isinstance(value, dict):
+        return {k: _expand(v, (*path, k), environ, file, lines, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*path, i), environ, file, lines, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if environ.get(name):
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(Problem(file, lines.get(path), _dotted(path), f"environment variable {name} is not set; set it, or write ${{{name}:-default}}"))
+        return ""
+
+    return VAR_RE.sub(sub, value)
+
+
+# --------------------------------------------------------------------------- checks across fields
+
+
+def _check(config: Config, file: str, line_of: Any) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def bad(loc: Path_, message: str) -> None:
+        problems.append(Problem(file, line_of(loc), _dotted(loc), message))
+
+    _check_zone(config.timezone, ("timezone",), bad)
+    d = config.defaults
+    if d.soft_time_limit >= d.time_limit:
+        bad(("defaults", "soft_time_limit"), f"must be below time_limit ({d.soft_time_limit:g} >= {d.time_limit:g})")
+    _check_rate(d.rate_limit, ("defaults", "rate_limit"), bad)
+    _check_address(d.sender, ("defaults", "sender"), bad)
+
+    for name, entry in config.beat.items():
+        loc: Path_ = ("beat", name)
+        if entry.task not in KNOWN_TASKS:
+            bad((*loc, "task"), f"unknown task {entry.task!r}{_did_you_mean(entry.task, KNOWN_TASKS)}; known: {', '.join(KNOWN_TASKS)}")
+        if (why := cron_problem(entry.cron)) is not None:
+            bad((*loc, "cron"), why)
+        if entry.timezone:
+            _check_zone(entry.timezone, (*loc, "timezone"), bad)
+
+    for name in config.datasources:
+        source = config.datasources[name]
+        seed = config.seed_path(source)
+        if seed is not None and not seed.is_file():
+            bad(("datasources", name, "seed"), f"file {seed} not found")
+
+    if not config.reports:
+        bad(("reports",), "no reports defined")
+    for name, report in config.reports.items():
+        loc = ("reports", name)
+        if not NAME_RE.match(name):
+            bad(loc, "a report name may use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+        if (why := cron_problem(report.schedule)) is not None:
+            bad((*loc, "schedule"), why)
+        if report.timezone:
+            _check_zone(report.timezone, (*loc, "timezone"), bad)
+        for key in ("template", "text_template"):
+            template = getattr(report, key)
+            if template is not None and not (config.templates_dir / template).is_file():
+                bad((*loc, key), f"template {template!r} not found in {config.templates_dir}")
+        if report.query is not None and report.function is not None:
+            bad(loc, "give either 'query' or 'function', not both")
+        if report.query is not None and report.query.datasource not in config.datasources:
+            known = ", ".join(sorted(config.datasources)) or "none defined"
+            bad((*loc, "query", "datasource"), f"unknown datasource {report.query.datasource!r}{_did_you_mean(report.query.datasource, config.datasources)} (known: {known})")
+        if report.function is not None and not re.match(r"^[\w.]+:[\w.]+$", report.function):
+            bad((*loc, "function"), "must be 'module:function', for example 'mypackage.reports:sales'")
+        if not report.recipients:
+            bad((*loc, "recipients"), "is empty; list at least one address")
+        for key in ("recipients", "cc", "bcc", "owners"):
+            for i, address in enumerate(getattr(report, key)):
+                _check_address(address, (*loc, key, i), bad)
+        if report.sender is not None:
+            _check_address(report.sender, (*loc, "sender"), bad)
+        if report.rate_limit is not None:
+            _check_rate(report.rate_limit, (*loc, "rate_limit"), bad)
+    return problems
+
+
+def _check_zone(zone: str, loc: Path_, bad: Any) -> None:
+    try:
+        zoneinfo.ZoneInfo(zone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        bad(loc, f"unknown timezone {zone!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'")
+
+
+def _check_rate(rate: str, loc: Path_, bad: Any) -> None:
+    try:
+        parse_rate(rate)
+    except ValueError as exc:
+        bad(loc, str(exc))
+
+
+def _check_address(address: str, loc: Path_, bad: Any) -> None:
+    try:
+        normalize_address(address)
+    except ValueError as exc:
+        bad(loc, str(exc))
+
+
+def parse_rate(rate: str) -> float:
+    """'1/s', '30/m', '100/h' -> emails per second."""
+    match = RATE_RE.match(rate)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"rate {rate!r} is not like '1/s', '30/m' or '500/h'")
+    return float(match.group(1)) / {"s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def normalize_address(address: str) -> str:
+    """'Name <a@b.c>' or 'a@b.c' -> the same, validated and normalised. ValueError if invalid."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        raise ValueError(f"address {address!r} contains control characters")
+    name, addr = parseaddr(address)
+    if not addr or "@" not in addr:
+        raise ValueError(f"{address!r} is not an email address")
+    try:
+        valid = validate_email(addr, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{address!r} is not a valid email address: {exc}") from None
+    return formataddr((name, valid.normalized)) if name else valid.normalized
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _dotted(loc: Path_) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _sorted(problems: list[Problem]) -> list[Problem]:
+    return sorted(problems, key=lambda p: (p.line or 0, p.field))
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: Path_) -> type[BaseModel] | None:
+    """The model class whose field list applies at LOC, for 'did you mean' on unknown keys."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return None
+            model = field.annotation
+        elif get_origin(model) is dict:
+            model = get_args(model)[1]
+        else:
+            return None
+        while get_origin(model) in (Union, getattr(__import__("types"), "UnionType", Union)):
+            model = next(a for a in get_args(model) if a is not type(None))
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _message(err: Any, loc: Path_) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        fields = list(model.model_fields) if model else []
+        return f"unknown key{_did_you_mean(str(loc[-1]), fields)}" + (f"; allowed: {', '.join(fields)}" if fields else "")
+    if kind == "missing":
+        return "is required but missing"
+    if kind == "literal_error":
+        return f"{err['input']!r} is not one of html, pdf, csv"
+    if kind in ("model_type", "dict_type"):
+        return f"must be a mapping, not {_yaml_type(err['input'])}"
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list, not {_yaml_type(err['input'])}"
+    if kind == "string_type":
+        return f"must be a string, not {_yaml_type(err['input'])}"
+    msg = str(err["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def _yaml_type(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "empty"}.get(type(value), type(value).__name__)

@@ -1,0 +1,64 @@
+"""Every default reporter uses, in one place. The string under each names what it is for."""
+
+CONFIG_PATH = "schedules.yaml"
+"""Config file read when REPORTER_CONFIG is unset (relative to the working directory)."""
+
+TEMPLATES_DIRNAME = "templates"
+"""Templates folder beside the config file when REPORTER_TEMPLATES is unset."""
+
+VAR_DIR = "var"
+"""Folder for local state of the embedded defaults: ledger, outbox, broker address, logs."""
+
+DATABASE_URL = "sqlite:///var/reporter.db"
+"""Ledger database when REPORTER_DATABASE_URL is unset."""
+
+OUTBOX = "var/outbox"
+"""Maildir that receives mail when REPORTER_SMTP_URL is unset."""
+
+TIMEZONE = "UTC"
+"""IANA zone for crons that name none."""
+
+SENDER = "Reports <reports@example.com>"
+"""From address when the config's defaults name none."""
+
+RATE_LIMIT = "1/s"
+"""Emails per second, across all workers."""
+
+SOFT_TIME_LIMIT = 100
+"""Seconds before a send task is asked to stop (SoftTimeLimitExceeded)."""
+
+TIME_LIMIT = 120
+"""Seconds before a send task's worker process is killed; must exceed the soft limit."""
+
+MAX_RETRIES = 5
+"""Retries of a transient delivery failure before it is recorded as failed."""
+
+RETRY_BACKOFF = 10
+"""Seconds of the first retry delay; doubled each retry, with full jitter."""
+
+RETRY_BACKOFF_MAX = 600
+"""Longest retry delay in seconds."""
+
+CATCH_UP_GRACE = 3600
+"""Seconds: a slot missed while beat was down is still sent if it is at most this old."""
+
+RETENTION_DAYS = 90
+"""Ledger rows older than this many days are deleted by email_reports.prune_ledger."""
+
+SMTP_TIMEOUT = 30
+"""Seconds for each SMTP network operation."""
+
+QUEUE_SCHEDULED = "reporter.scheduled"
+"""Queue of sends enqueued by the dispatcher."""
+
+QUEUE_URGENT = "reporter.urgent"
+"""Queue of send-now requests; workers take it first so a backlog never delays them."""
+
+DISPATCH_WINDOW = 3600
+"""Seconds covered by a dispatcher called by hand when no beat entry names its cron."""
+
+VISIBILITY_MARGIN = 600
+"""Seconds added to the longest ETA plus the hard time limit for Redis' visibility_timeout."""
+
+SEND_WAIT = 120
+"""Seconds `reporter send` waits for the workers to finish a send-now before giving up."""

@@ -1,0 +1,205 @@
+"""Send one report slot: claim the recipients' ledger rows, render once, send each, record each.
+
+Plain functions over a Runtime, so tests and `reporter send --sync` call them without a broker; the
+Celery task in tasks.py only adds retries and time limits around `send_slot`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import parseaddr
+from functools import cached_property
+from typing import Any
+
+from reporter import ledger as L
+from reporter.config import Config, normalize_address
+from reporter.errors import DeliveryError, PermanentDeliveryError, RenderError, TransientDeliveryError
+from reporter.ledger import Ledger
+from reporter.mail import Transport, addresses, build, message_id, transport
+from reporter.ratelimit import Limiter
+from reporter.render import Renderer
+from reporter.schedule import isoformat
+from reporter.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLAIM_MARGIN = 30
+"""Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
+
+
+@dataclass
+class Runtime:
+    """What a process needs to send: settings, config, ledger, renderer, rate limiter, transport."""
+
+    settings: Settings
+    config: Config
+    ledger: Ledger
+    limiter: Limiter
+    transport_factory: Callable[[], Transport] | None = None
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.config)
+
+    def transport(self) -> Transport:
+        if self.transport_factory is not None:
+            return self.transport_factory()
+        return transport(self.settings.smtp_url, self.settings.outbox)
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds after which another execution's claim is taken to be dead."""
+        return self.config.defaults.time_limit + CLAIM_MARGIN
+
+
+@dataclass
+class SendResult:
+    """What happened to each recipient of one (report, slot) in one execution."""
+
+    report: str
+    slot: datetime
+    sent: dict[str, str] = field(default_factory=dict)
+    """recipient -> Message-ID"""
+    already: list[str] = field(default_factory=list)
+    """recipients whose row was already final (sent, failed or skipped) before this execution"""
+    failed: dict[str, str] = field(default_factory=dict)
+    """recipient -> error, final"""
+    retry: dict[str, str] = field(default_factory=dict)
+    """recipient -> transient error; released to be tried again"""
+    busy: list[str] = field(default_factory=list)
+    """recipients another live execution holds"""
+    busy_until: datetime | None = None
+    rendered: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The task's small, JSON-able result."""
+        return {
+            "report": self.report,
+            "slot": isoformat(self.slot),
+            "sent": len(self.sent),
+            "already": len(self.already),
+            "failed": len(self.failed),
+            "retry": len(self.retry),
+            "busy": len(self.busy),
+            "rendered": self.rendered,
+        }
+
+
+def recipient_keys(addresses_: Sequence[str]) -> dict[str, str]:
+    """Ledger key (bare, normalised address) -> the address as written for the To header."""
+    out: dict[str, str] = {}
+    for value in addresses_:
+        normal = normalize_address(value)
+        out[parseaddr(normal)[1].lower()] = normal
+    return out
+
+
+def send_slot(rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None = None, trigger: str = "schedule", task_id: str | None = None) -> SendResult:
+    """Deliver report NAME for SLOT (aware UTC) to its recipients, or to ONLY, exactly once each."""
+    report = rt.config.report(name)
+    targets = recipient_keys(only if only else report.recipients)
+    result = SendResult(name, slot)
+    rt.ledger.ensure(name, slot, targets, trigger)
+    claim = rt.ledger.claim(name, slot, list(targets), rt.stale_after, task_id)
+    result.already = list(claim.done)
+    result.busy, result.busy_until = list(claim.busy), claim.busy_until
+    if not claim.mine:
+        return result
+
+    pending = list(claim.mine)
+    in_flight: list[str] = []
+    try:
+        try:
+            rendered = rt.renderer.render(name, slot)
+            result.rendered = True
+        except RenderError as exc:
+            rt.ledger.mark_failed(claim.token, name, slot, pending, str(exc))
+            result.failed.update(dict.fromkeys(pending, str(exc)))
+            pending = []
+            return result
+        except TransientDeliveryError as exc:
+            rt.ledger.release(claim.token, name, slot, pending, str(exc))
+            result.retry.update(dict.fromkeys(pending, str(exc)))
+            pending = []
+            return result
+
+        sender = rt.config.sender_of(report)
+        with_html = "html" in report.formats
+        cc = [normalize_address(a) for a in report.cc]
+        bcc = addresses([normalize_address(a) for a in report.bcc])
+        groups = [pending] if report.group else [[r] for r in pending]
+        rate = rt.config.rate_of(report)
+        bucket = name if report.rate_limit else "default"
+        mailer = rt.transport()
+        try:
+            for group in groups:
+                msg_id = message_id(name, slot, ",".join(sorted(group)) if report.group else group[0], sender)
+                msg = build(rendered, sender, [targets[r] for r in group], cc, msg_id, with_html)
+                envelope = [*group, *addresses(cc), *bcc]
+                rt.limiter.acquire(bucket, rate)
+                rt.ledger.mark_sending(claim.token, name, slot, group, msg_id)
+                in_flight = group
+                started = time.monotonic()
+                try:
+                    outcome = mailer.send(msg, parseaddr(sender)[1], envelope)
+                except TransientDeliveryError as exc:
+                    # The server or the network is in trouble: give back this group and the rest.
+                    in_flight = []
+                    rest = [r for g in groups[groups.index(group):] for r in g]
+                    rt.ledger.release(claim.token, name, slot, rest, str(exc))
+                    result.retry.update(dict.fromkeys(rest, str(exc)))
+                    pending = []
+                    break
+                except PermanentDeliveryError as exc:
+                    in_flight = []
+                    rt.ledger.mark_failed(claim.token, name, slot, group, str(exc))
+                    result.failed.update(dict.fromkeys(group, str(exc)))
+                    pending = [r for r in pending if r not in group]
+                    continue
+                in_flight = []
+                duration = int((time.monotonic() - started) * 1000)
+                size = len(msg.as_bytes())
+                for recipient in group:
+                    refused = outcome.refused.get(recipient)
+                    if refused is None:
+                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, duration, size)
+                        result.sent[recipient] = msg_id
+                    elif 400 <= refused[0] < 500:
+                        error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
+                        rt.ledger.release(claim.token, name, slot, [recipient], error)
+                        result.retry[recipient] = error
+                    else:
+                        error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
+                        rt.ledger.mark_failed(claim.token, name, slot, [recipient], error)
+                        result.failed[recipient] = error
+                    log.info("delivery report=%s slot=%s recipient=%s status=%s ms=%d message_id=%s", name, isoformat(slot), recipient,
+                             "sent" if refused is None else "refused", duration, msg_id)
+                pending = [r for r in pending if r not in group]
+        finally:
+            mailer.close()
+    finally:
+        # Interrupted (soft time limit, shutdown): hand back what was never tried. A message whose
+        # SMTP transaction was under way stays 'sending' until its claim goes stale: whether the
+        # server accepted it is unknown, and docs/reliability.md says how that case is resolved.
+        untried = [r for r in pending if r not in in_flight]
+        if untried:
+            rt.ledger.release(claim.token, name, slot, untried, "interrupted before sending")
+    return result
+
+
+def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
+    """Retries are used up: record the released recipients as failed."""
+    for recipient, error in list(result.retry.items()):
+        claim = rt.ledger.claim(result.report, result.slot, [recipient], rt.stale_after)
+        if claim.mine:
+            rt.ledger.mark_failed(claim.token, result.report, result.slot, claim.mine, f"{error} ({why})")
+            result.failed[recipient] = error
+        del result.retry[recipient]
+
+
+def describe_error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,277 @@
+"""The delivery ledger: one row per (report, slot, recipient), the source of truth for exactly-once.
+
+A row is claimed by one atomic conditional UPDATE that stamps it with the claimant's token; whoever's
+token is on the row may send. `sent` is final. A claim older than the hard time limit belongs to a
+process that was killed, and can be taken over.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED = "queued", "rendering", "sending", "sent", "failed", "skipped"
+STATUSES = (QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED)
+FINAL = (SENT, FAILED, SKIPPED)
+IN_FLIGHT = (RENDERING, SENDING)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, whatever the database keeps."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+metadata = sa.MetaData()
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("report", sa.String(200), nullable=False),
+    sa.Column("slot", UTCDateTime, nullable=False),
+    sa.Column("recipient", sa.String(320), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, default=QUEUED),
+    sa.Column("trigger", sa.String(16), nullable=False, default="schedule"),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("message_id", sa.String(400)),
+    sa.Column("error", sa.Text),
+    sa.Column("claim_token", sa.String(64)),
+    sa.Column("task_id", sa.String(64)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("claimed_at", UTCDateTime),
+    sa.Column("sent_at", UTCDateTime),
+    sa.Column("duration_ms", sa.Integer),
+    sa.Column("size_bytes", sa.Integer),
+    sa.UniqueConstraint("report", "slot", "recipient", name="uq_delivery_key"),
+    sa.Index("ix_deliveries_status_claimed", "status", "claimed_at"),
+    sa.Index("ix_deliveries_created", "created_at"),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A ledger row as read back."""
+
+    id: int
+    report: str
+    slot: datetime
+    recipient: str
+    status: str
+    trigger: str
+    attempts: int
+    message_id: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    claimed_at: datetime | None
+    sent_at: datetime | None
+    duration_ms: int | None
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to claim a slot's rows for one task execution."""
+
+    token: str
+    mine: tuple[str, ...]
+    """Recipients this execution now holds and may send to."""
+    busy: tuple[str, ...]
+    """Recipients another live execution holds; try again after `busy_until`."""
+    done: tuple[str, ...]
+    """Recipients already in a final state."""
+    busy_until: datetime | None
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets the CLI read history while workers write; busy_timeout makes writers queue, not fail.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the ledger; SQLite files get their folder created and WAL mode."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(parsed, pool_pre_ping=True)
+
+
+class Ledger:
+    """Reads and writes delivery rows. Takes its engine; only the CLI and tasks build one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Ledger:
+        ledger = cls(make_engine(url))
+        ledger.create()
+        return ledger
+
+    def create(self) -> None:
+        """Create the table if it is not there (safe to call from many processes at once)."""
+        try:
+            metadata.create_all(self.engine)
+        except (IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+            # Another process created it between our check and our CREATE.
+            metadata.create_all(self.engine)
+
+    # ----------------------------------------------------------------- writing
+
+    def ensure(self, report: str, slot: datetime, recipients: Iterable[str], trigger: str = "schedule") -> int:
+        """Insert a queued row for each recipient that has none; return how many were new."""
+        stamp = now()
+        values = [
+            {"report": report, "slot": slot, "recipient": r, "status": QUEUED, "trigger": trigger, "attempts": 0, "created_at": stamp, "updated_at": stamp}
+            for r in dict.fromkeys(recipients)
+        ]
+        if not values:
+            return 0
+        with self.engine.begin() as conn:
+            stmt = self._insert_ignore()
+            result = conn.execute(stmt, values)
+            return max(result.rowcount or 0, 0)
+
+    def _insert_ignore(self) -> Any:
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(deliveries).on_conflict_do_nothing(constraint="uq_delivery_key")
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(deliveries).on_conflict_do_nothing()
+        return deliveries.insert().prefix_with("IGNORE")  # MySQL/MariaDB
+
+    def claim(self, report: str, slot: datetime, recipients: Sequence[str], stale_after: float, task_id: str | None = None) -> Claim:
+        """Atomically take every claimable row of RECIPIENTS for this execution.
+
+        Claimable: queued, or in flight with a claim older than STALE_AFTER seconds (its holder died).
+        """
+        token = uuid.uuid4().hex
+        stamp = now()
+        cutoff = stamp - timedelta(seconds=stale_after)
+        key = (deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients))
+        claimable = (deliveries.c.status == QUEUED) | (deliveries.c.status.in_(IN_FLIGHT) & (deliveries.c.claimed_at < cutoff))
+        with self.engine.begin() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(key & claimable)
+                .values(status=RENDERING, claim_token=token, claimed_at=stamp, updated_at=stamp, attempts=deliveries.c.attempts + 1, task_id=task_id)
+            )
+            rows = conn.execute(sa.select(deliveries.c.recipient, deliveries.c.status, deliveries.c.claim_token, deliveries.c.claimed_at).where(key)).all()
+        mine = tuple(r.recipient for r in rows if r.claim_token == token and r.status == RENDERING)
+        done = tuple(r.recipient for r in rows if r.status in FINAL)
+        busy_rows = [r for r in rows if r.claim_token != token and r.status in IN_FLIGHT]
+        busy_until = max((r.claimed_at for r in busy_rows), default=None)
+        return Claim(
+            token=token,
+            mine=mine,
+            busy=tuple(r.recipient for r in busy_rows),
+            done=done,
+            busy_until=None if busy_until is None else busy_until.replace(tzinfo=UTC) + timedelta(seconds=stale_after),
+        )
+
+    def _update(self, token: str, report: str, slot: datetime, recipients: Sequence[str], **values: Any) -> int:
+        values["updated_at"] = now()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where((deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients)) & (deliveries.c.claim_token == token))
+                .values(**values)
+            )
+            return result.rowcount or 0
+
+    def mark_sending(self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str) -> int:
+        return self._update(token, report, slot, recipients, status=SENDING, message_id=message_id)
+
+    def mark_sent(self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str, duration_ms: int, size_bytes: int) -> int:
+        stamp = now()
+        return self._update(token, report, slot, recipients, status=SENT, message_id=message_id, error=None, sent_at=stamp, duration_ms=duration_ms, size_bytes=size_bytes)
+
+    def mark_failed(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
+        return self._update(token, report, slot, recipients, status=FAILED, error=error[:4000])
+
+    def release(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
+        """Give the rows back (queued) after a transient failure, keeping the error for history."""
+        return self._update(token, report, slot, recipients, status=QUEUED, error=error[:4000], claim_token=None, claimed_at=None)
+
+    def mark_skipped(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
+        stamp = now()
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where((deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients)) & (deliveries.c.status == QUEUED))
+                .values(status=SKIPPED, error=why, updated_at=stamp)
+            )
+            return result.rowcount or 0
+
+    def prune(self, older_than: datetime) -> int:
+        """Delete rows created before OLDER_THAN that are final; return how many."""
+        with self.engine.begin() as conn:
+            result = conn.execute(deliveries.delete().where((deliveries.c.created_at < older_than) & deliveries.c.status.in_(FINAL)))
+            return result.rowcount or 0
+
+    # ----------------------------------------------------------------- reading
+
+    def rows(self, report: str | None = None, slot: datetime | None = None, status: str | None = None, limit: int | None = None) -> list[Row]:
+        """Rows, newest slot first."""
+        query = sa.select(deliveries).order_by(deliveries.c.slot.desc(), deliveries.c.report, deliveries.c.recipient)
+        if report is not None:
+            query = query.where(deliveries.c.report == report)
+        if slot is not None:
+            query = query.where(deliveries.c.slot == slot)
+        if status is not None:
+            query = query.where(deliveries.c.status == status)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [Row(**{k: v for k, v in r._mapping.items() if k != "claim_token" and k != "task_id"}) for r in conn.execute(query)]
+
+    def slots_with_rows(self, report: str, start: datetime, end: datetime) -> dict[datetime, set[str]]:
+        """For each slot of REPORT in [START, END) that has rows: the statuses present."""
+        query = sa.select(deliveries.c.slot, deliveries.c.status).where(
+            (deliveries.c.report == report) & (deliveries.c.slot >= start) & (deliveries.c.slot < end)
+        )
+        out: dict[datetime, set[str]] = {}
+        with self.engine.connect() as conn:
+            for slot, status in conn.execute(query):
+                out.setdefault(slot, set()).add(status)
+        return out
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,78 @@
+"""Process settings from the environment. The only module that reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from reporter import defaults
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    """NAME, or the contents of the file named by NAME_FILE (for Docker/Kubernetes secrets)."""
+    value = environ.get(name)
+    if value:
+        return value
+    file_name = environ.get(f"{name}_FILE")
+    if file_name:
+        return Path(file_name).read_text().strip()
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are: config, templates, broker, ledger, mail. Built once per process."""
+
+    config_path: Path
+    templates_dir: Path
+    broker_url: str | None
+    database_url: str
+    smtp_url: str | None
+    outbox: Path
+    var_dir: Path
+    environ: Mapping[str, str]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        config_path = Path(_env(env, "REPORTER_CONFIG") or defaults.CONFIG_PATH)
+        templates = _env(env, "REPORTER_TEMPLATES")
+        templates_dir = Path(templates) if templates else config_path.parent / defaults.TEMPLATES_DIRNAME
+        var_dir = Path(defaults.VAR_DIR)
+        broker_url = _env(env, "REPORTER_BROKER_URL")
+        if broker_url is None:
+            # `reporter run` writes the address of the Redis it started, so that `reporter send`
+            # and `celery inspect` from another terminal find it.
+            marker = var_dir / "broker.url"
+            if marker.exists():
+                broker_url = marker.read_text().strip() or None
+        return cls(
+            config_path=config_path,
+            templates_dir=templates_dir,
+            broker_url=broker_url,
+            database_url=_env(env, "REPORTER_DATABASE_URL") or defaults.DATABASE_URL,
+            smtp_url=_env(env, "REPORTER_SMTP_URL"),
+            outbox=Path(_env(env, "REPORTER_OUTBOX") or defaults.OUTBOX),
+            var_dir=var_dir,
+            environ=env,
+        )
+
+
+def mask_url(url: str) -> str:
+    """URL with any password replaced by '***', for logs, errors and history."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

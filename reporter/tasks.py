@@ -1,0 +1,104 @@
+"""The Celery tasks. Thin: each calls plain functions that tests can call without a broker."""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Task
+from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded
+
+from reporter import defaults
+from reporter.beat import dispatcher_cron
+from reporter.celery_app import app
+from reporter.deliver import Runtime, fail_for_good, send_slot
+from reporter.dispatch import Due, dispatch
+from reporter.runtime import runtime
+from reporter.schedule import isoformat, next_fire, parse_instant
+
+log = logging.getLogger(__name__)
+
+DISPATCH = "email_reports.schedule_hourly"
+SEND = "email_reports.send"
+PRUNE = "email_reports.prune_ledger"
+
+
+def backoff(retries: int, base: float = defaults.RETRY_BACKOFF, maximum: float = defaults.RETRY_BACKOFF_MAX, rand: random.Random | None = None) -> float:
+    """Exponential backoff with equal jitter: half the step fixed, half random, capped at MAXIMUM."""
+    step = min(maximum, base * (2**retries))
+    return step / 2 + (rand or random).uniform(0, step / 2)
+
+
+def send_options(rt: Runtime, name: str) -> dict[str, Any]:
+    """Time limits for one send task: the config's, plus the time its recipients wait for the rate limit."""
+    report = rt.config.reports[name]
+    waiting = (1 if report.group else len(report.recipients)) / rt.config.rate_of(report)
+    d = rt.config.defaults
+    return {"soft_time_limit": d.soft_time_limit + waiting, "time_limit": d.time_limit + waiting}
+
+
+def enqueue_send(rt: Runtime, due: Due, queue: str = defaults.QUEUE_SCHEDULED, only: list[str] | None = None, trigger: str = "schedule") -> Any:
+    """Publish email_reports.send for DUE with eta=slot (a past eta runs at once)."""
+    return send.apply_async(
+        args=(due.report, isoformat(due.slot)),
+        kwargs={"only": only, "trigger": trigger},
+        eta=due.slot,
+        queue=queue,
+        **send_options(rt, due.report),
+    )
+
+
+@app.task(name=DISPATCH, acks_late=False)
+def schedule_hourly(scheduled_for: str | None = None, window_end: str | None = None) -> dict[str, Any]:
+    """Enqueue every report slot due from SCHEDULED_FOR (default: now) to WINDOW_END (default: the next fire)."""
+    rt = runtime()
+    now = datetime.now(UTC)
+    start = parse_instant(scheduled_for, UTC) if scheduled_for else now
+    if window_end:
+        end = parse_instant(window_end, UTC)
+    else:
+        found = dispatcher_cron(rt.config)
+        end = next_fire(found[0], found[1], start) if found else start + timedelta(seconds=defaults.DISPATCH_WINDOW)
+    done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now)
+    log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
+    return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
+
+
+@app.task(name=SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def send(self: Task, report: str, slot: str, only: list[str] | None = None, trigger: str = "schedule") -> dict[str, Any]:
+    """Render REPORT for SLOT once and send it to each recipient not yet sent to."""
+    rt = runtime()
+    at = parse_instant(slot, UTC)
+    try:
+        result = send_slot(rt, report, at, only=only, trigger=trigger, task_id=self.request.id)
+    except SoftTimeLimitExceeded:
+        log.error("send %s %s: soft time limit exceeded; released for a retry", report, slot)
+        if self.request.retries >= rt.config.retries_of(rt.config.reports[report]):
+            raise
+        raise self.retry(countdown=backoff(self.request.retries)) from None
+    if result.retry:
+        try:
+            raise self.retry(
+                kwargs={"only": list(result.retry), "trigger": trigger},
+                countdown=backoff(self.request.retries),
+                max_retries=rt.config.retries_of(rt.config.reports[report]),
+            )
+        except MaxRetriesExceededError:
+            fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
+    if result.busy and result.busy_until is not None:
+        # Another execution holds these rows (a redelivered copy of this task, or a process that
+        # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.
+        wait = max((result.busy_until - datetime.now(UTC)).total_seconds(), 1.0)
+        self.apply_async(args=(report, slot), kwargs={"only": result.busy, "trigger": trigger}, countdown=wait, queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None)
+    return result.as_dict()
+
+
+@app.task(name=PRUNE)
+def prune_ledger(days: int | None = None) -> dict[str, Any]:
+    """Delete final ledger rows older than the retention."""
+    rt = runtime()
+    keep = days or rt.config.defaults.retention_days
+    deleted = rt.ledger.prune(datetime.now(UTC) - timedelta(days=keep))
+    return {"deleted": deleted, "retention_days": keep}
