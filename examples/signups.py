@@ -11,10 +11,10 @@ from datetime import datetime, timedelta
 PLANS = ("free", "team", "business", "enterprise")
 
 
-def last_quarter_hour(slot: datetime, report: str) -> list[dict[str, object]]:
-    """Sign-ups per plan in the 15 minutes before SLOT."""
-    start = slot - timedelta(minutes=15)
-    seed = int(start.timestamp()) // 900
+def last_minute(slot: datetime, report: str) -> list[dict[str, object]]:
+    """Sign-ups per plan in the minute before SLOT."""
+    start = slot - timedelta(minutes=1)
+    seed = int(start.timestamp()) // 60
     return [
         {"plan": plan, "signups": (seed * (i + 3)) % (40 // (i + 1)) + 1, "since": start.strftime("%H:%M")}
         for i, plan in enumerate(PLANS)

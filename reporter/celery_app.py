@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from reporter import defaults
 from reporter.errors import ConfigError
@@ -34,7 +34,10 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     worker_cancel_long_running_tasks_on_connection_loss=True,
-    task_queues=(Queue(defaults.QUEUE_URGENT), Queue(defaults.QUEUE_SCHEDULED)),
+    # Each queue its own exchange and routing key, so a send-now never lands behind scheduled work.
+    task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (defaults.QUEUE_URGENT, defaults.QUEUE_SCHEDULED)),
+    task_default_exchange=defaults.QUEUE_SCHEDULED,
+    task_default_routing_key=defaults.QUEUE_SCHEDULED,
     task_default_queue=defaults.QUEUE_SCHEDULED,
     task_soft_time_limit=defaults.SOFT_TIME_LIMIT,
     task_time_limit=defaults.TIME_LIMIT,

@@ -1,9 +1,14 @@
 """The dispatcher: which (report, slot) pairs fall due in a window, recorded and handed to the queue.
 
-Fired at T, the dispatcher covers [T, its own next fire time) and enqueues each slot with eta=slot.
-It also looks back one grace period: a slot there that never got a ledger row (beat was down), or
-whose rows are all still queued long after the slot (its task was lost), is enqueued again now.
-Re-enqueueing is always safe: the ledger's claim lets only one execution send.
+Fired at T, the dispatcher covers [T, its own next fire time) and enqueues each slot with eta=slot,
+then moves each report's watermark to the window's end. A later dispatch that finds a watermark
+before its T knows the dispatcher did not run for a while (beat was down): slots from the watermark
+that are at most one grace period old are caught up now; older ones are recorded as `skipped`, so
+nothing is silently lost. A report without a watermark is new and has nothing to catch up.
+
+It also re-enqueues slots in the grace period whose rows are all still `queued` long after the slot
+(their task was lost with a broker). Re-enqueueing is always safe: the ledger's claim lets only one
+execution send.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from reporter.schedule import slots_between
 
 LOST_AFTER = timedelta(minutes=15)
 """A slot whose rows are all still queued this long after it is taken to have lost its task."""
+
+SKIP_HORIZON = timedelta(days=7)
+"""Missed slots older than the grace are recorded as skipped back to at most this far."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +58,33 @@ def dispatch(
     grace: float | None = None,
 ) -> list[Due]:
     """Record and enqueue the slots due in [START, END) and those to catch up; return them."""
-    grace_s = config.defaults.catch_up_grace if grace is None else grace
-    look_back = start - timedelta(seconds=grace_s)
+    grace_start = start - timedelta(seconds=config.defaults.catch_up_grace if grace is None else grace)
+    watermarks = ledger.marks()
     todo: list[Due] = []
-    for due in due_slots(config, look_back, start):
-        statuses = ledger.slots_with_rows(due.report, due.slot, due.slot + timedelta(microseconds=1)).get(due.slot)
-        lost = statuses == {L.QUEUED} and now - due.slot > LOST_AFTER
-        if statuses is None or lost:
-            todo.append(Due(due.report, due.slot, catch_up=True))
+    for name, report in config.reports.items():
+        if not report.enabled:
+            continue
+        zone = config.zone(report)
+        mark = watermarks.get(name)
+        if mark is not None and mark < grace_start:
+            missed = slots_between(report.schedule, zone, max(mark, grace_start - SKIP_HORIZON), grace_start)
+            keys = recipient_keys(report.recipients)
+            for slot in missed:
+                if not ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)):
+                    ledger.ensure(name, slot, keys)
+                    ledger.mark_skipped(name, slot, list(keys), "missed: the dispatcher did not run, and the slot is older than the catch-up grace")
+        for slot in slots_between(report.schedule, zone, grace_start, start):
+            statuses = ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)).get(slot)
+            never_dispatched = statuses is None and mark is not None and slot >= mark
+            lost = statuses == {L.QUEUED} and now - slot > LOST_AFTER
+            if never_dispatched or lost:
+                todo.append(Due(name, slot, catch_up=True))
+    todo.sort(key=lambda d: (d.slot, d.report))
     todo.extend(due_slots(config, start, end))
     for due in todo:
         ledger.ensure(due.report, due.slot, recipient_keys(config.reports[due.report].recipients))
         enqueue(due)
+    for name, report in config.reports.items():
+        if report.enabled:
+            ledger.advance_mark(name, end)
     return todo

@@ -70,6 +70,15 @@ deliveries = sa.Table(
 )
 
 
+marks = sa.Table(
+    "dispatch_marks",
+    metadata,
+    sa.Column("report", sa.String(200), primary_key=True),
+    sa.Column("covered_until", UTCDateTime, nullable=False),
+)
+"""How far the dispatcher has enqueued each report: where a catch-up after downtime starts."""
+
+
 @dataclass(frozen=True)
 class Row:
     """A ledger row as read back."""
@@ -239,6 +248,24 @@ class Ledger:
                 .values(status=SKIPPED, error=why, updated_at=stamp)
             )
             return result.rowcount or 0
+
+    def advance_mark(self, report: str, until: datetime) -> None:
+        """Record that REPORT's slots before UNTIL have been dispatched (never moves backwards)."""
+        with self.engine.begin() as conn:
+            moved = conn.execute(marks.update().where((marks.c.report == report) & (marks.c.covered_until < until)).values(covered_until=until))
+            if moved.rowcount:
+                return
+            if conn.execute(sa.select(marks.c.report).where(marks.c.report == report)).first() is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(marks.insert().values(report=report, covered_until=until))
+                except IntegrityError:
+                    pass  # a concurrent dispatcher inserted it; it is at least as far as ours
+
+    def marks(self) -> dict[str, datetime]:
+        """Each report's dispatch watermark."""
+        with self.engine.connect() as conn:
+            return {r.report: r.covered_until for r in conn.execute(sa.select(marks))}
 
     def prune(self, older_than: datetime) -> int:
         """Delete rows created before OLDER_THAN that are final; return how many."""

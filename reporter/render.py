@@ -24,6 +24,18 @@ from reporter.errors import Problem, RenderError
 
 log = logging.getLogger(__name__)
 
+
+class _DropHarfBuzzNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "HarfBuzz-Subset" not in record.getMessage()
+
+
+# WeasyPrint and fontTools narrate every render at INFO (dozens of lines per PDF); keep their warnings
+# about the document (bad CSS, refused resources) and drop the rest.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
+logging.getLogger("weasyprint.progress").setLevel(logging.WARNING)
+logging.getLogger("weasyprint").addFilter(_DropHarfBuzzNotice())
+
 BUILTIN_TEMPLATES = Path(__file__).parent / "builtin"
 """Templates reporter ships itself: the default plain-text body and the PDF page style."""
 

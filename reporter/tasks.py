@@ -13,7 +13,7 @@ from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded
 from reporter import defaults
 from reporter.beat import dispatcher_cron
 from reporter.celery_app import app
-from reporter.deliver import Runtime, fail_for_good, send_slot
+from reporter.deliver import Runtime, SendResult, fail_for_good, recipient_keys, send_slot
 from reporter.dispatch import Due, dispatch
 from reporter.runtime import runtime
 from reporter.schedule import isoformat, next_fire, parse_instant
@@ -74,10 +74,15 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
     try:
         result = send_slot(rt, report, at, only=only, trigger=trigger, task_id=self.request.id)
     except SoftTimeLimitExceeded:
-        log.error("send %s %s: soft time limit exceeded; released for a retry", report, slot)
-        if self.request.retries >= rt.config.retries_of(rt.config.reports[report]):
-            raise
-        raise self.retry(countdown=backoff(self.request.retries)) from None
+        limit = self.request.timelimit[1] if self.request.timelimit else rt.config.defaults.soft_time_limit
+        error = f"soft time limit exceeded ({limit}s)"
+        if self.request.retries < rt.config.retries_of(rt.config.reports[report]):
+            log.error("send %s %s: %s; released for a retry", report, slot, error)
+            raise self.retry(countdown=backoff(self.request.retries)) from None
+        log.error("send %s %s: %s; no retries left", report, slot, error)
+        stuck = SendResult(report, at, retry=dict.fromkeys(recipient_keys(only or rt.config.reports[report].recipients), error))
+        fail_for_good(rt, stuck, f"after {self.request.retries} retries")
+        return stuck.as_dict()
     if result.retry:
         try:
             raise self.retry(

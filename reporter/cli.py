@@ -1,0 +1,351 @@
+"""`reporter` (also `python -m reporter`): validate, list, next, preview, send, history, worker, beat, run.
+
+Exit codes: 0 done, 1 bad input (a clear message, no traceback), 2 a delivery failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from reporter import defaults
+from reporter.errors import ConfigError, ReporterError
+from reporter.settings import Settings, mask_url
+
+EXIT_OK, EXIT_INPUT, EXIT_DELIVERY = 0, 1, 2
+
+
+class Context:
+    """What every command shares: the settings, and the runtime built from them on demand."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def config(self) -> Any:
+        from reporter import config
+
+        return config.load(self.settings.config_path, self.settings.environ, self.settings.templates_dir)
+
+    def runtime(self, local_limiter: bool = False) -> Any:
+        from reporter import ratelimit, runtime
+
+        rt = runtime.build(self.settings)
+        if local_limiter:
+            rt.limiter = ratelimit.LocalLimiter()
+        return rt
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    click.echo(f"reporter: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn reporter's own errors into a message and exit 1, never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"reporter: {len(exc.problems)} problem(s) in the configuration:", err=True)
+            for problem in exc.problems:
+                click.echo(f"  {problem}", err=True)
+            sys.exit(EXIT_INPUT)
+        except ReporterError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([fmt(list(headers)), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
+
+
+def parse_slot(text: str | None, zone: Any) -> datetime | None:
+    from reporter.schedule import parse_instant
+
+    if text is None:
+        return None
+    try:
+        return parse_instant(text, zone)
+    except ValueError:
+        fail(f"--slot {text!r} is not an ISO timestamp such as 2026-11-23T07:00 or 2026-11-23T06:00Z")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="schedules.yaml to use [env: REPORTER_CONFIG; default ./schedules.yaml]")
+@click.version_option(package_name="reporter")
+@click.pass_context
+def cli(ctx: click.Context, config_path: Path | None) -> None:
+    """Scheduled email reports: schedules.yaml -> Celery beat -> workers -> inboxes."""
+    settings = Settings.from_env()
+    if config_path is not None:
+        templates = settings.templates_dir if settings.environ.get("REPORTER_TEMPLATES") else config_path.parent / defaults.TEMPLATES_DIRNAME
+        settings = dataclasses.replace(settings, config_path=config_path, templates_dir=templates)
+    ctx.obj = Context(settings)
+
+
+@cli.command()
+@click.pass_obj
+@handles_errors
+def validate(obj: Context) -> None:
+    """Check the config and its templates; print every problem, exit 1 if any."""
+    from reporter.render import Renderer
+
+    config = obj.config()
+    problems = Renderer(config).problems()
+    if problems:
+        raise ConfigError(problems)
+    click.echo(f"OK: {len(config.reports)} reports, {len(config.beat)} beat entries ({obj.settings.config_path})")
+
+
+@cli.command("list")
+@click.pass_obj
+@handles_errors
+def list_(obj: Context) -> None:
+    """Reports with their cron in words, timezone and next fire time."""
+    from reporter.schedule import describe, next_fire
+
+    config = obj.config()
+    now = datetime.now(UTC)
+    rows = []
+    for name, report in sorted(config.reports.items()):
+        zone = config.zone(report)
+        nxt = next_fire(report.schedule, zone, now).astimezone(zone)
+        rows.append(
+            [
+                name,
+                f"{describe(report.schedule)} ({report.schedule})",
+                str(zone),
+                nxt.strftime("%Y-%m-%d %H:%M %Z") if report.enabled else "disabled",
+                ",".join(report.formats),
+                len(report.recipients),
+            ]
+        )
+    click.echo(table(["REPORT", "SCHEDULE", "TIMEZONE", "NEXT", "FORMATS", "RECIPIENTS"], rows))
+
+
+@cli.command("next")
+@click.argument("report", required=False)
+@click.option("-n", "count", type=click.IntRange(1, 1000), default=5, show_default=True, help="how many fire times")
+@click.pass_obj
+@handles_errors
+def next_(obj: Context, report: str | None, count: int) -> None:
+    """The next N fire times of REPORT (or of every report)."""
+    from reporter.schedule import next_fires
+
+    config = obj.config()
+    names = [report] if report else sorted(config.reports)
+    now = datetime.now(UTC)
+    for name in names:
+        spec = config.report(name)
+        zone = config.zone(spec)
+        if len(names) > 1:
+            click.echo(f"{name}:")
+        for fire in next_fires(spec.schedule, zone, now, count):
+            local = fire.astimezone(zone)
+            click.echo(f"{'  ' if len(names) > 1 else ''}{local.isoformat()}  ({fire.strftime('%Y-%m-%d %H:%M')} UTC)")
+
+
+@cli.command()
+@click.argument("report")
+@click.option("--slot", help="the slot to render (ISO; naive means the report's zone) [default: the latest]")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("preview"), show_default=True, help="folder for the files")
+@click.pass_obj
+@handles_errors
+def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
+    """Render REPORT to html, txt, pdf and csv files; sends nothing."""
+    from reporter.render import Renderer, to_csv
+    from reporter.schedule import latest_fire
+
+    config = obj.config()
+    spec = config.report(report)
+    zone = config.zone(spec)
+    at = parse_slot(slot, zone) or latest_fire(spec.schedule, zone, datetime.now(UTC))
+    renderer = Renderer(config)
+    table_ = renderer.datasources.fetch(report, spec, at.astimezone(zone), renderer.meta(report))
+    rendered = renderer.render_table(report, at, table_)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{report}-{at.astimezone(zone).strftime('%Y-%m-%d_%H%M')}"
+    files = {
+        ".html": rendered.html.encode(),
+        ".txt": rendered.text.encode(),
+        ".pdf": rendered.pdf if rendered.pdf is not None else renderer.pdf(rendered.html),
+        ".csv": rendered.csv if rendered.csv is not None else to_csv(table_),
+    }
+    click.echo(f"subject: {rendered.subject}")
+    click.echo(f"slot:    {at.astimezone(zone).isoformat()} ({rendered.row_count} rows)")
+    for suffix, content in files.items():
+        path = stem.with_suffix(suffix)
+        path.write_bytes(content)
+        attached = "" if suffix in (".txt",) or suffix[1:] in spec.formats else "  (not in this report's formats)"
+        click.echo(f"wrote   {path} ({len(content):,} bytes){attached}")
+
+
+@cli.command()
+@click.argument("report")
+@click.option("--to", "to", multiple=True, help="send to this address instead of the report's recipients (repeatable)")
+@click.option("--slot", help="the slot to send (ISO) [default: now]; a slot already sent is not sent again")
+@click.option("--sync", is_flag=True, help="render and send in this process instead of through the urgent queue")
+@click.option("--wait", type=click.IntRange(0), default=defaults.SEND_WAIT, show_default=True, help="seconds to wait for the workers")
+@click.pass_obj
+@handles_errors
+def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync: bool, wait: int) -> None:
+    """Send REPORT now: one line per recipient; exit 2 if a delivery failed."""
+    from reporter import deliver
+
+    rt = obj.runtime(local_limiter=sync and not obj.settings.broker_url)
+    spec = rt.config.report(report)
+    at = parse_slot(slot, rt.config.zone(spec)) or datetime.now(UTC).replace(microsecond=0)
+    try:
+        targets = deliver.recipient_keys(list(to)) if to else deliver.recipient_keys(spec.recipients)
+    except ValueError as exc:
+        fail(f"--to: {exc}")
+    if sync:
+        click.echo(f"sending {report} for {at.isoformat()} via {rt.transport().describe()}", err=True)
+        result = deliver.send_slot(rt, report, at, only=list(to) or None, trigger="manual")
+        if result.retry:
+            deliver.fail_for_good(rt, result, "send --sync does not retry; try again or send through the workers")
+    else:
+        _send_async(rt, report, at, list(to), wait)
+    rows = {r.recipient: r for r in rt.ledger.rows(report=report, slot=at)}
+    failed = False
+    for key in targets:
+        row = rows.get(key)
+        status = row.status if row else "unknown"
+        failed |= status not in ("sent", "skipped")
+        detail = row.message_id if row and status == "sent" else (row.error if row else "") or ""
+        click.echo(f"{key}\t{status}\t{detail}")
+    sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
+
+
+def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) -> None:
+    from reporter.deliver import recipient_keys
+    from reporter.dispatch import Due
+    from reporter.ledger import FINAL
+
+    if not rt.settings.broker_url:
+        fail("no broker: set REPORTER_BROKER_URL, start `reporter run` in another terminal, or use --sync")
+    from reporter.tasks import enqueue_send
+
+    keys = list(recipient_keys(to or list(rt.config.reports[report].recipients)))
+    rt.ledger.ensure(report, at, keys, trigger="manual")
+    try:
+        enqueue_send(rt, Due(report, at), queue=defaults.QUEUE_URGENT, only=to or None, trigger="manual")
+    except Exception as exc:  # noqa: BLE001 - kombu raises many kinds when the broker is down
+        fail(f"cannot reach the broker at {mask_url(rt.settings.broker_url)}: {exc}")
+    click.echo(f"queued {report} for {at.isoformat()} on {defaults.QUEUE_URGENT}; waiting up to {wait}s", err=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        rows = rt.ledger.rows(report=report, slot=at)
+        if rows and all(r.status in FINAL for r in rows if r.recipient in keys):
+            return
+        time.sleep(0.5)
+    click.echo(f"not finished after {wait}s: is a worker running (`reporter worker`)?", err=True)
+
+
+@cli.command()
+@click.argument("report", required=False)
+@click.option("--status", type=click.Choice(["queued", "rendering", "sending", "sent", "failed", "skipped"]), help="only rows in this state")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.pass_obj
+@handles_errors
+def history(obj: Context, report: str | None, status: str | None, limit: int) -> None:
+    """The ledger, newest slot first."""
+    from reporter.ledger import Ledger
+
+    if report is not None:
+        obj.config().report(report)  # a clear error for a typo, rather than an empty list
+    ledger = Ledger.from_url(obj.settings.database_url)
+    rows = ledger.rows(report=report, status=status, limit=limit)
+    if not rows:
+        click.echo("no deliveries recorded" + (f" for {report}" if report else ""))
+        return
+    click.echo(
+        table(
+            ["SLOT (UTC)", "REPORT", "RECIPIENT", "STATUS", "TRIES", "SENT AT (UTC)", "MS", "BYTES", "MESSAGE-ID / ERROR"],
+            [
+                [
+                    r.slot.strftime("%Y-%m-%d %H:%M"),
+                    r.report,
+                    r.recipient,
+                    r.status,
+                    r.attempts,
+                    r.sent_at.strftime("%Y-%m-%d %H:%M:%S") if r.sent_at else "",
+                    r.duration_ms,
+                    r.size_bytes,
+                    (r.error or r.message_id or "").replace("\n", " ")[:100],
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+def _celery(args: list[str]) -> NoReturn:
+    argv = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", *args]
+    os.execv(sys.executable, argv)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--concurrency", "-c", type=int, help="worker processes [default: cores - 1, at least 1]")
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None) -> None:
+    """A Celery worker on both queues (urgent first). Extra arguments go to `celery worker`."""
+    conc = concurrency or max((os.cpu_count() or 2) - 1, 1)
+    _celery(["worker", "-Q", f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}", "-c", str(conc), "--loglevel", "INFO", *ctx.args])
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    """The Celery beat scheduler, from the YAML crontab. Run exactly one. Extra arguments go to `celery beat`."""
+    _celery(["beat", "--loglevel", "INFO", *ctx.args])
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def flower(ctx: click.Context) -> None:
+    """Flower, the Celery web monitor (pip install 'reporter[flower]'). Extra arguments go to `celery flower`."""
+    _celery(["flower", *ctx.args])
+
+
+@cli.command()
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=2, show_default=True, help="worker processes")
+@click.pass_obj
+@handles_errors
+def run(obj: Context, concurrency: int) -> None:
+    """Everything on the embedded defaults: a private Redis, a worker and beat. Ctrl-C stops it all."""
+    from reporter.runner import run_all
+
+    obj.config()  # refuse a broken config before starting anything
+    sys.exit(run_all(obj.settings, concurrency))
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="reporter", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_INPUT)
+    except click.ClickException as exc:
+        # Usage errors are bad input: exit 1 (click's own default would be 2, our "delivery failed").
+        exc.show()
+        sys.exit(EXIT_INPUT)
+
+
+if __name__ == "__main__":
+    main()

