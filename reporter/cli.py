@@ -207,6 +207,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
     """Send REPORT now: one line per recipient; exit 2 if a delivery failed."""
     from reporter import deliver
 
+    started = datetime.now(UTC)
     rt = obj.runtime(local_limiter=sync and not obj.settings.broker_url)
     spec = rt.config.report(report)
     at = parse_slot(slot, rt.config.zone(spec)) or datetime.now(UTC).replace(microsecond=0)
@@ -228,6 +229,8 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
         status = row.status if row else "unknown"
         failed |= status not in ("sent", "skipped")
         detail = row.message_id if row and status == "sent" else (row.error if row else "") or ""
+        if row and row.sent_at and row.sent_at < started:
+            status, detail = "already-sent", f"{row.message_id} at {row.sent_at.isoformat()}"
         click.echo(f"{key}\t{status}\t{detail}")
     sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
 
@@ -261,16 +264,17 @@ def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) ->
 @click.argument("report", required=False)
 @click.option("--status", type=click.Choice(["queued", "rendering", "sending", "sent", "failed", "skipped"]), help="only rows in this state")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--upcoming", is_flag=True, help="also list slots still to come (queued with an eta)")
 @click.pass_obj
 @handles_errors
-def history(obj: Context, report: str | None, status: str | None, limit: int) -> None:
-    """The ledger, newest slot first."""
+def history(obj: Context, report: str | None, status: str | None, limit: int, upcoming: bool) -> None:
+    """The ledger, newest slot first (slots still to come only with --upcoming)."""
     from reporter.ledger import Ledger
 
     if report is not None:
         obj.config().report(report)  # a clear error for a typo, rather than an empty list
     ledger = Ledger.from_url(obj.settings.database_url)
-    rows = ledger.rows(report=report, status=status, limit=limit)
+    rows = ledger.rows(report=report, status=status, limit=limit, until=None if upcoming else datetime.now(UTC))
     if not rows:
         click.echo("no deliveries recorded" + (f" for {report}" if report else ""))
         return

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from reporter import defaults as dflt
 from reporter.errors import ConfigError, Problem
@@ -41,9 +41,57 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _valid_cron(value: str) -> str:
+    if (why := cron_problem(value)) is not None:
+        raise ValueError(why)
+    return value
+
+
+def _valid_zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
+    return value
+
+
+def _valid_address(value: str) -> str:
+    normalize_address(value)
+    return value
+
+
+def _valid_rate(value: str) -> str:
+    parse_rate(value)
+    return value
+
+
+def _valid_task(value: str) -> str:
+    if value not in KNOWN_TASKS:
+        raise ValueError(f"unknown task {value!r}{_did_you_mean(value, KNOWN_TASKS)}; known: {', '.join(KNOWN_TASKS)}")
+    return value
+
+
+def _valid_function(value: str) -> str:
+    if not re.match(r"^[\w.]+:[\w.]+$", value):
+        raise ValueError("must be 'module:function', for example 'mypackage.reports:sales'")
+    return value
+
+
+def _non_empty(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("is empty; list at least one address")
+    return value
+
+
+Cron = Annotated[str, AfterValidator(_valid_cron)]
+Zone = Annotated[str, AfterValidator(_valid_zone)]
+Address = Annotated[str, AfterValidator(_valid_address)]
+Rate = Annotated[str, AfterValidator(_valid_rate)]
+
+
 class Defaults(_Model):
-    sender: str = dflt.SENDER
-    rate_limit: str = dflt.RATE_LIMIT
+    sender: Address = dflt.SENDER
+    rate_limit: Rate = dflt.RATE_LIMIT
     soft_time_limit: Annotated[float, Field(gt=0)] = dflt.SOFT_TIME_LIMIT
     time_limit: Annotated[float, Field(gt=0)] = dflt.TIME_LIMIT
     max_retries: Annotated[int, Field(ge=0)] = dflt.MAX_RETRIES
@@ -58,9 +106,9 @@ class Datasource(_Model):
 
 
 class BeatEntry(_Model):
-    task: str
-    cron: str
-    timezone: str | None = None
+    task: Annotated[str, AfterValidator(_valid_task)]
+    cron: Cron
+    timezone: Zone | None = None
 
 
 class Query(_Model):
@@ -73,23 +121,23 @@ Format = Literal["html", "pdf", "csv"]
 
 
 class Report(_Model):
-    schedule: str
-    timezone: str | None = None
+    schedule: Cron
+    timezone: Zone | None = None
     subject: str
     template: str
     text_template: str | None = None
     query: Query | None = None
-    function: str | None = None
+    function: Annotated[str, AfterValidator(_valid_function)] | None = None
     formats: tuple[Format, ...] = ("html",)
-    recipients: tuple[str, ...]
-    cc: tuple[str, ...] = ()
-    bcc: tuple[str, ...] = ()
-    owners: tuple[str, ...] = ()
+    recipients: Annotated[tuple[Address, ...], AfterValidator(_non_empty)]
+    cc: tuple[Address, ...] = ()
+    bcc: tuple[Address, ...] = ()
+    owners: tuple[Address, ...] = ()
     group: bool = False
     """One email to all recipients instead of one each."""
     enabled: bool = True
-    sender: str | None = None
-    rate_limit: str | None = None
+    sender: Address | None = None
+    rate_limit: Rate | None = None
     max_retries: Annotated[int, Field(ge=0)] | None = None
     description: str | None = None
 
@@ -102,7 +150,7 @@ class Report(_Model):
 
 
 class Config(_Model):
-    timezone: str = dflt.TIMEZONE
+    timezone: Zone = dflt.TIMEZONE
     defaults: Defaults = Defaults()
     datasources: dict[str, Datasource] = {}
     beat: dict[str, BeatEntry] = {}
@@ -185,18 +233,17 @@ def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path)
             loc = loc[:-1]
         return lines.get(loc)
 
+    problems.extend(_check(data, file, line_of, templates_dir))
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
             problems.append(Problem(file, line_of(loc), _dotted(loc), _message(err, loc)))
-        raise ConfigError(_sorted(problems)) from None
-    config._source = Path(file)
-    config._templates_dir = templates_dir
-    problems.extend(_check(config, file, line_of))
     if problems:
         raise ConfigError(_sorted(problems))
+    config._source = Path(file)
+    config._templates_dir = templates_dir
     return config
 
 
@@ -233,13 +280,11 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
             constructor.flatten_mapping(n)
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
-                try:
-                    key = constructor.construct_object(key_node, deep=True)
-                    hash(key)
-                except (yaml.YAMLError, TypeError):
+                if not isinstance(key_node, yaml.ScalarNode):
                     problems.append(Problem(file, key_node.start_mark.line + 1, _dotted(path), "a key must be a plain value"))
                     continue
-                key = str(key) if not isinstance(key, str) else key
+                # Keys as written: YAML 1.1 would turn a report called `off:` or `yes:` into a boolean.
+                key = key_node.value
                 if key in out:
                     first = lines.get((*path, key))
                     problems.append(
@@ -289,86 +334,49 @@ def _expand(value: Any, path: Path_, environ: Mapping[str, str], file: str, line
 # --------------------------------------------------------------------------- checks across fields
 
 
-def _check(config: Config, file: str, line_of: Any) -> list[Problem]:
+def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -> list[Problem]:
+    """Checks across fields, on the raw data, so they run even where the schema found errors."""
     problems: list[Problem] = []
 
     def bad(loc: Path_, message: str) -> None:
         problems.append(Problem(file, line_of(loc), _dotted(loc), message))
 
-    _check_zone(config.timezone, ("timezone",), bad)
-    d = config.defaults
-    if d.soft_time_limit >= d.time_limit:
-        bad(("defaults", "soft_time_limit"), f"must be below time_limit ({d.soft_time_limit:g} >= {d.time_limit:g})")
-    _check_rate(d.rate_limit, ("defaults", "rate_limit"), bad)
-    _check_address(d.sender, ("defaults", "sender"), bad)
+    def section(key: str) -> dict[str, Any]:
+        value = data.get(key)
+        return value if isinstance(value, dict) else {}
 
-    for name, entry in config.beat.items():
-        loc: Path_ = ("beat", name)
-        if entry.task not in KNOWN_TASKS:
-            bad((*loc, "task"), f"unknown task {entry.task!r}{_did_you_mean(entry.task, KNOWN_TASKS)}; known: {', '.join(KNOWN_TASKS)}")
-        if (why := cron_problem(entry.cron)) is not None:
-            bad((*loc, "cron"), why)
-        if entry.timezone:
-            _check_zone(entry.timezone, (*loc, "timezone"), bad)
+    d = section("defaults")
+    soft, hard = d.get("soft_time_limit", dflt.SOFT_TIME_LIMIT), d.get("time_limit", dflt.TIME_LIMIT)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (soft, hard)) and soft >= hard:
+        where = "soft_time_limit" if "soft_time_limit" in d else "time_limit"
+        bad(("defaults", where), f"soft_time_limit must be below time_limit ({soft:g} >= {hard:g})")
 
-    for name in config.datasources:
-        source = config.datasources[name]
-        seed = config.seed_path(source)
-        if seed is not None and not seed.is_file():
-            bad(("datasources", name, "seed"), f"file {seed} not found")
+    datasources = section("datasources")
+    for name, source in datasources.items():
+        seed = source.get("seed") if isinstance(source, dict) else None
+        if isinstance(seed, str) and not (Path(file).parent / seed).is_file():
+            bad(("datasources", name, "seed"), f"file {Path(file).parent / seed} not found")
 
-    if not config.reports:
-        bad(("reports",), "no reports defined")
-    for name, report in config.reports.items():
-        loc = ("reports", name)
-        if not NAME_RE.match(name):
+    if data.get("reports") == {}:
+        bad(("reports",), "no reports defined; add at least one under 'reports:'")
+    for name, report in section("reports").items():
+        loc: Path_ = ("reports", name)
+        if not NAME_RE.match(str(name)):
             bad(loc, "a report name may use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
-        if (why := cron_problem(report.schedule)) is not None:
-            bad((*loc, "schedule"), why)
-        if report.timezone:
-            _check_zone(report.timezone, (*loc, "timezone"), bad)
+        if not isinstance(report, dict):
+            continue
         for key in ("template", "text_template"):
-            template = getattr(report, key)
-            if template is not None and not (config.templates_dir / template).is_file():
-                bad((*loc, key), f"template {template!r} not found in {config.templates_dir}")
-        if report.query is not None and report.function is not None:
+            template = report.get(key)
+            if isinstance(template, str) and not (templates_dir / template).is_file():
+                bad((*loc, key), f"template {template!r} not found in {templates_dir}")
+        if report.get("query") is not None and report.get("function") is not None:
             bad(loc, "give either 'query' or 'function', not both")
-        if report.query is not None and report.query.datasource not in config.datasources:
-            known = ", ".join(sorted(config.datasources)) or "none defined"
-            bad((*loc, "query", "datasource"), f"unknown datasource {report.query.datasource!r}{_did_you_mean(report.query.datasource, config.datasources)} (known: {known})")
-        if report.function is not None and not re.match(r"^[\w.]+:[\w.]+$", report.function):
-            bad((*loc, "function"), "must be 'module:function', for example 'mypackage.reports:sales'")
-        if not report.recipients:
-            bad((*loc, "recipients"), "is empty; list at least one address")
-        for key in ("recipients", "cc", "bcc", "owners"):
-            for i, address in enumerate(getattr(report, key)):
-                _check_address(address, (*loc, key, i), bad)
-        if report.sender is not None:
-            _check_address(report.sender, (*loc, "sender"), bad)
-        if report.rate_limit is not None:
-            _check_rate(report.rate_limit, (*loc, "rate_limit"), bad)
+        query = report.get("query")
+        source_name = query.get("datasource") if isinstance(query, dict) else None
+        if isinstance(source_name, str) and source_name not in datasources:
+            known = ", ".join(sorted(datasources)) or "none defined"
+            bad((*loc, "query", "datasource"), f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})")
     return problems
-
-
-def _check_zone(zone: str, loc: Path_, bad: Any) -> None:
-    try:
-        zoneinfo.ZoneInfo(zone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        bad(loc, f"unknown timezone {zone!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'")
-
-
-def _check_rate(rate: str, loc: Path_, bad: Any) -> None:
-    try:
-        parse_rate(rate)
-    except ValueError as exc:
-        bad(loc, str(exc))
-
-
-def _check_address(address: str, loc: Path_, bad: Any) -> None:
-    try:
-        normalize_address(address)
-    except ValueError as exc:
-        bad(loc, str(exc))
 
 
 def parse_rate(rate: str) -> float:
@@ -404,7 +412,7 @@ def _dotted(loc: Path_) -> str:
 
 
 def _sorted(problems: list[Problem]) -> list[Problem]:
-    return sorted(problems, key=lambda p: (p.line or 0, p.field))
+    return sorted(dict.fromkeys(problems), key=lambda p: (p.line or 0, p.field))
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
@@ -446,6 +454,8 @@ def _message(err: Any, loc: Path_) -> str:
         return f"must be a list, not {_yaml_type(err['input'])}"
     if kind == "string_type":
         return f"must be a string, not {_yaml_type(err['input'])}"
+    if kind == "value_error":
+        return str(err["ctx"]["error"]) if "ctx" in err else str(err["msg"]).removeprefix("Value error, ")
     msg = str(err["msg"])
     return msg[0].lower() + msg[1:] if msg else kind
 

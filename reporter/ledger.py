@@ -171,6 +171,9 @@ class Ledger:
             return 0
         with self.engine.begin() as conn:
             stmt = self._insert_ignore()
+            if self.engine.dialect.name in ("postgresql", "sqlite"):
+                # rowcount of a batch insert is -1 on psycopg; count the rows actually inserted.
+                return len(conn.execute(stmt.returning(deliveries.c.id), values).all())
             result = conn.execute(stmt, values)
             return max(result.rowcount or 0, 0)
 
@@ -220,7 +223,14 @@ class Ledger:
         with self.engine.begin() as conn:
             result = conn.execute(
                 deliveries.update()
-                .where((deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients)) & (deliveries.c.claim_token == token))
+                .where(
+                    (deliveries.c.report == report)
+                    & (deliveries.c.slot == slot)
+                    & deliveries.c.recipient.in_(list(recipients))
+                    & (deliveries.c.claim_token == token)
+                    # Only rows still in flight change hands: sent, failed and skipped are final.
+                    & deliveries.c.status.in_(IN_FLIGHT)
+                )
                 .values(**values)
             )
             return result.rowcount or 0
@@ -275,8 +285,10 @@ class Ledger:
 
     # ----------------------------------------------------------------- reading
 
-    def rows(self, report: str | None = None, slot: datetime | None = None, status: str | None = None, limit: int | None = None) -> list[Row]:
-        """Rows, newest slot first."""
+    def rows(
+        self, report: str | None = None, slot: datetime | None = None, status: str | None = None, limit: int | None = None, until: datetime | None = None
+    ) -> list[Row]:
+        """Rows, newest slot first; with UNTIL, only slots at or before it."""
         query = sa.select(deliveries).order_by(deliveries.c.slot.desc(), deliveries.c.report, deliveries.c.recipient)
         if report is not None:
             query = query.where(deliveries.c.report == report)
@@ -284,6 +296,8 @@ class Ledger:
             query = query.where(deliveries.c.slot == slot)
         if status is not None:
             query = query.where(deliveries.c.status == status)
+        if until is not None:
+            query = query.where(deliveries.c.slot <= until)
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:

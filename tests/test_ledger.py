@@ -68,24 +68,34 @@ def set_column(ledger: Ledger, column: str, value: datetime, **where: object) ->
 
 
 def test_ensure_inserts_each_recipient_once_and_is_idempotent(ledger: Ledger) -> None:
-    assert ledger.ensure("daily", SLOT, ["ann@example.com", "ann@example.com", "ben@example.com"]) == 2
-    assert ledger.ensure("daily", SLOT, ["ann@example.com", "ben@example.com"]) == 0
-    assert ledger.ensure("daily", SLOT, ["ben@example.com", "cy@example.com"]) == 1
+    inserted = [
+        ledger.ensure("daily", SLOT, ["ann@example.com", "ann@example.com", "ben@example.com"]),
+        ledger.ensure("daily", SLOT, ["ann@example.com", "ben@example.com"]),
+        ledger.ensure("daily", SLOT, ["ben@example.com", "cy@example.com"]),
+    ]
     rows = ledger.rows()
     assert sorted(r.recipient for r in rows) == RCPTS
     assert {(r.status, r.attempts, r.trigger) for r in rows} == {(L.QUEUED, 0, "schedule")}
     # Another slot or another report is another key.
-    assert ledger.ensure("daily", SLOT + timedelta(days=1), ["ann@example.com"]) == 1
-    assert ledger.ensure("weekly", SLOT, ["ann@example.com"]) == 1
-    assert ledger.ensure("daily", SLOT, []) == 0
+    inserted += [
+        ledger.ensure("daily", SLOT + timedelta(days=1), ["ann@example.com"]),
+        ledger.ensure("weekly", SLOT, ["ann@example.com"]),
+        ledger.ensure("daily", SLOT, []),
+    ]
     assert len(ledger.rows()) == 5
+    # The documented return value: how many rows were new.
+    assert inserted == [2, 0, 1, 1, 1, 0]
 
 
 def test_unique_key_is_enforced_by_the_database(ledger: Ledger) -> None:
     ledger.ensure("daily", SLOT, ["ann@example.com"])
     stamp = L.now()
     with pytest.raises(sa.exc.IntegrityError), ledger.engine.begin() as conn:
-        conn.execute(deliveries.insert().values(report="daily", slot=SLOT, recipient="ann@example.com", status=L.QUEUED, created_at=stamp, updated_at=stamp))
+        conn.execute(
+            deliveries.insert().values(
+                report="daily", slot=SLOT, recipient="ann@example.com", status=L.QUEUED, created_at=stamp, updated_at=stamp
+            )
+        )
     assert len(ledger.rows()) == 1
 
 
@@ -320,7 +330,11 @@ def test_rows_filters_and_orders_newest_slot_first(ledger: Ledger) -> None:
         (s1, "daily", "ann@example.com"),
         (s1, "daily", "ben@example.com"),
     ]
-    assert [(r.slot, r.recipient) for r in ledger.rows(report="daily")] == [(s3, "ann@example.com"), (s1, "ann@example.com"), (s1, "ben@example.com")]
+    assert [(r.slot, r.recipient) for r in ledger.rows(report="daily")] == [
+        (s3, "ann@example.com"),
+        (s1, "ann@example.com"),
+        (s1, "ben@example.com"),
+    ]
     assert [(r.report, r.recipient) for r in ledger.rows(slot=s3)] == [("alpha", "cy@example.com"), ("daily", "ann@example.com")]
     assert [(r.slot, r.recipient) for r in ledger.rows(status=L.SENT)] == [(s1, "ann@example.com")]
     assert [(r.slot, r.recipient) for r in ledger.rows(report="daily", slot=s1, status=L.QUEUED)] == [(s1, "ben@example.com")]
@@ -391,3 +405,20 @@ def test_naive_datetimes_are_refused(ledger: Ledger) -> None:
     with pytest.raises(sa.exc.StatementError, match="naive datetime"):
         ledger.ensure("daily", datetime(2026, 1, 15, 7, 0), ["ann@example.com"])
     assert ledger.rows() == []
+
+
+# ----------------------------------------------------------------------------- dispatch watermarks
+
+
+def test_dispatch_marks_only_move_forward(open_ledger: Callable[[], Ledger]) -> None:
+    ledger, other = open_ledger(), open_ledger()
+    assert ledger.marks() == {}
+    berlin = ZoneInfo("Europe/Berlin")
+    ledger.advance_mark("daily", datetime(2026, 1, 15, 18, 1, tzinfo=berlin))
+    other.advance_mark("weekly", SLOT)
+    assert ledger.marks() == {"daily": datetime(2026, 1, 15, 17, 1, tzinfo=UTC), "weekly": SLOT}
+    other.advance_mark("daily", datetime(2026, 1, 15, 16, 1, tzinfo=UTC))  # a late dispatcher for an older window
+    assert ledger.marks()["daily"] == datetime(2026, 1, 15, 17, 1, tzinfo=UTC)
+    other.advance_mark("daily", datetime(2026, 1, 15, 18, 1, tzinfo=UTC))
+    marks = ledger.marks()
+    assert marks["daily"] == datetime(2026, 1, 15, 18, 1, tzinfo=UTC) and marks["daily"].tzinfo == UTC

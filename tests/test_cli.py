@@ -1,0 +1,213 @@
+"""The CLI as a user runs it: `python -m reporter …` subprocesses, real files, a real SMTP inbox."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pypdf import PdfReader
+
+from tests.conftest import ROOT, Inbox, Project, run_cli
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPORTER_")}
+    env.update(extra)
+    return env
+
+
+def assert_clean_failure(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def test_validate_shipped_config(shipped_copy: Path) -> None:
+    done = run_cli("validate", env=clean_env(), cwd=shipped_copy)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK: 2 reports, 2 beat entries")
+
+
+def test_validate_reports_every_problem_with_its_line(shipped_copy: Path) -> None:
+    text = (shipped_copy / "schedules.yaml").read_text()
+    text = text.replace('schedule: "0 7 * * 1-5"', 'schedule: "0 7 * * 1-8"')
+    text = text.replace("timezone: Europe/Berlin", "timezone: Europe/Berlinn")
+    text = text.replace("recipients: [alice@example.com, bob@example.com]", "recipients: [alice@example, bob@example.com]\n    colour: red")
+    (shipped_copy / "schedules.yaml").write_text(text)
+    lines = text.splitlines()
+
+    def line_of(needle: str) -> int:
+        return next(i for i, line in enumerate(lines, 1) if needle in line)
+
+    done = run_cli("validate", env=clean_env(), cwd=shipped_copy)
+    assert_clean_failure(done)
+    err = done.stderr
+    assert "4 problem(s)" in err
+    assert f"schedules.yaml:{line_of('1-8')}: reports.sales-daily.schedule: invalid cron" in err
+    assert f"schedules.yaml:{line_of('Berlinn')}: reports.sales-daily.timezone: unknown timezone 'Europe/Berlinn'" in err
+    assert f"schedules.yaml:{line_of('alice@example,')}: reports.sales-daily.recipients[0]:" in err
+    assert f"schedules.yaml:{line_of('colour')}: reports.sales-daily.colour: unknown key" in err
+
+
+def test_validate_finds_template_syntax_errors(shipped_copy: Path) -> None:
+    (shipped_copy / "templates" / "signups.html").write_text("<p>\n{% for row in rows %}\n{{ row.plan }\n")
+    done = run_cli("validate", env=clean_env(), cwd=shipped_copy)
+    assert_clean_failure(done)
+    assert re.search(r"signups\.html:3: reports\.signups\.template: template syntax error", done.stderr), done.stderr
+
+
+def test_missing_config_and_bad_usage_exit_1_without_traceback(tmp_path: Path) -> None:
+    assert_clean_failure(run_cli("validate", env=clean_env(), cwd=tmp_path))
+    assert_clean_failure(run_cli("preview", env=clean_env(), cwd=tmp_path))  # missing argument
+    assert_clean_failure(run_cli("no-such-command", env=clean_env(), cwd=tmp_path))
+
+
+def test_unknown_report_names_the_known_ones(shipped_copy: Path) -> None:
+    done = run_cli("preview", "sales-dialy", env=clean_env(), cwd=shipped_copy)
+    assert_clean_failure(done)
+    assert "no report named 'sales-dialy' (did you mean 'sales-daily'?)" in done.stderr
+
+
+# ----------------------------------------------------------------------------- list, next
+
+
+def test_list_and_next(shipped_copy: Path) -> None:
+    done = run_cli("list", env=clean_env(), cwd=shipped_copy)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"sales-daily\s+At 07:00, Monday through Friday \(0 7 \* \* 1-5\)\s+Europe/Berlin\s+\d{4}-\d\d-\d\d 07:00 CES?T", done.stdout), done.stdout
+    done = run_cli("next", "sales-daily", "-n", "3", env=clean_env(), cwd=shipped_copy)
+    assert done.returncode == 0, done.stderr
+    times = done.stdout.strip().splitlines()
+    assert len(times) == 3 and all("T07:00:00+0" in t for t in times), times
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def test_preview_writes_html_txt_pdf_csv(shipped_copy: Path) -> None:
+    out = shipped_copy / "out"
+    done = run_cli("preview", "sales-daily", "--slot", "2026-11-20T07:00", "--out", str(out), env=clean_env(), cwd=shipped_copy)
+    assert done.returncode == 0, done.stderr
+    stem = out / "sales-daily-2026-11-20_0700"
+    html = stem.with_suffix(".html").read_text()
+    assert "Sales Friday 20 November 2026" in html
+    text = stem.with_suffix(".txt").read_text()
+    assert text.startswith("sales-daily — 2026-11-20 07:00 CET") and "59 rows." in text
+    assert stem.with_suffix(".csv").read_text().startswith("id,region,product,quantity,amount")
+    reader = PdfReader(stem.with_suffix(".pdf"))
+    pages = len(reader.pages)
+    assert pages >= 2, "the sample sales table should span pages"
+    assert f"Page {pages} of {pages}" in reader.pages[-1].extract_text()
+    assert "subject: Sales Friday 20 November:" in done.stdout
+
+
+# ----------------------------------------------------------------------------- send --sync, history
+
+
+def test_send_sync_delivers_once_and_history_lists_it(shipped_copy: Path, inbox: Inbox) -> None:
+    env = clean_env(REPORTER_SMTP_URL=inbox.url)
+    done = run_cli("send", "sales-daily", "--sync", "--slot", "2026-11-20T07:00", env=env, cwd=shipped_copy)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [["alice@example.com", "sent"], ["bob@example.com", "sent"]]
+    assert sorted(r for _, rcpts in inbox.envelopes for r in rcpts) == ["alice@example.com", "bob@example.com"]
+    msg = inbox.messages[0]
+    assert {p.get_filename() for p in msg.iter_attachments()} == {"sales-daily-2026-11-20_0600.pdf", "sales-daily-2026-11-20_0600.csv"}
+
+    again = run_cli("send", "sales-daily", "--sync", "--slot", "2026-11-20T07:00", env=env, cwd=shipped_copy)
+    assert again.returncode == 0, again.stderr
+    assert all(line.split("\t")[1] == "already-sent" for line in again.stdout.strip().splitlines())
+    assert len(inbox.messages) == 2, "a slot already sent must not be sent again"
+
+    history = run_cli("history", "sales-daily", env=env, cwd=shipped_copy)
+    assert history.returncode == 0, history.stderr
+    rows = [line for line in history.stdout.splitlines() if "sales-daily" in line]
+    assert len(rows) == 2
+    assert all(re.search(r"2026-11-20 06:00\s+sales-daily\s+\S+@example\.com\s+sent\s+1\s", row) for row in rows), history.stdout
+    assert run_cli("history", "--status", "failed", env=env, cwd=shipped_copy).stdout.startswith("no deliveries")
+
+
+def test_send_sync_to_a_dead_smtp_server_fails_with_exit_2(shipped_copy: Path) -> None:
+    from reporter.runner import free_port
+
+    env = clean_env(REPORTER_SMTP_URL=f"smtp://user:s3cret-pw@127.0.0.1:{free_port()}")
+    done = run_cli("send", "signups", "--sync", env=env, cwd=shipped_copy)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert re.search(r"oncall@example\.com\tfailed\t.*unreachable", done.stdout), done.stdout
+    assert "s3cret-pw" not in done.stdout + done.stderr
+    history = run_cli("history", "signups", env=env, cwd=shipped_copy)
+    assert "failed" in history.stdout and "s3cret-pw" not in history.stdout
+
+
+def test_send_without_broker_says_what_to_do(shipped_copy: Path) -> None:
+    done = run_cli("send", "signups", env=clean_env(), cwd=shipped_copy)
+    assert_clean_failure(done)
+    assert "no broker" in done.stderr and "--sync" in done.stderr
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def processes_in(folder: Path) -> list[int]:
+    """PIDs of processes whose working directory is FOLDER (what `reporter run` started there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.integration
+def test_run_delivers_on_embedded_defaults_and_ctrl_c_stops_everything(shipped_copy: Path, inbox: Inbox) -> None:
+    log = shipped_copy / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "reporter", "run"], cwd=shipped_copy, env=clean_env(REPORTER_SMTP_URL=inbox.url), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        # The minutely sample report is due within a minute of start.
+        messages = inbox.wait_for(1, timeout=100)
+        assert messages, log.read_text()[-3000:]
+        assert messages[0]["Subject"].startswith("Sign-ups at ")
+        assert (shipped_copy / "var" / "broker.url").exists()
+        assert len(processes_in(shipped_copy)) >= 4  # supervisor, redis, worker (+ pool), beat
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    output = log.read_text()
+    assert code == 0, output[-3000:]
+    assert "reporter run: stopped" in output
+    assert "Traceback" not in output
+    deadline = time.monotonic() + 10
+    while processes_in(shipped_copy) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_in(shipped_copy) == [], "reporter run left processes behind"
+    assert not (shipped_copy / "var" / "broker.url").exists()
+    history = run_cli("history", "signups", env=clean_env(), cwd=shipped_copy)
+    assert re.search(r"signups\s+oncall@example\.com\s+sent", history.stdout), history.stdout
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    done = subprocess.run([sys.executable, "-m", "reporter", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "validate" in done.stdout and "history" in done.stdout
+    script = Path(sys.executable).parent / "reporter"
+    if script.exists():
+        assert subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout == done.stdout
+
+
+def test_send_to_override_validates_addresses(shipped_copy: Path, make_project: Callable[..., Project]) -> None:
+    done = run_cli("send", "signups", "--sync", "--to", "not-an-address", env=clean_env(), cwd=shipped_copy)
+    assert_clean_failure(done)
+    assert "--to: 'not-an-address' is not an email address" in done.stderr

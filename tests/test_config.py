@@ -1,0 +1,475 @@
+"""reporter.config: the shipped example loads; every broken config is refused with file, line and field."""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reporter.config import Config, load, parse
+from reporter.errors import ConfigError, Problem
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A minimal valid report; line 1 is "reports:", line 2 the report's name, lines 3-6 its keys.
+BASE = """\
+reports:
+  r1:
+    schedule: "0 7 * * *"
+    subject: Hi
+    template: t.html
+    recipients: [a@example.com]
+"""
+
+
+def write_project(root: Path, content: str | bytes) -> Path:
+    """schedules.yaml with CONTENT beside a templates/ folder holding t.html and t.txt."""
+    (root / "templates").mkdir(parents=True, exist_ok=True)
+    (root / "templates" / "t.html").write_text("<p>{{ report.name }}</p>")
+    (root / "templates" / "t.txt").write_text("{{ report.name }}")
+    path = root / "schedules.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+# --------------------------------------------------------------------------- good configs
+
+
+def test_shipped_schedules_yaml_loads() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "WAREHOUSE_URL"}
+    config = load(ROOT / "schedules.yaml", env)
+    assert isinstance(config, Config)
+    assert sorted(config.reports) == ["sales-daily", "signups"]
+    assert sorted(config.beat) == ["email_reports.prune_ledger", "email_reports.schedule_hourly"]
+    assert config.beat["email_reports.schedule_hourly"].cron == "1 * * * *"
+    sales = config.reports["sales-daily"]
+    assert sales.schedule == "0 7 * * 1-5"
+    assert str(config.zone(sales)) == "Europe/Berlin"
+    assert sales.formats == ("html", "pdf", "csv")
+    # ${WAREHOUSE_URL:-default} falls back to the bundled SQLite sample.
+    assert config.datasources["warehouse"].url == "sqlite:///var/warehouse.db"
+    assert config.templates_dir == ROOT / "templates"
+    assert config.source == ROOT / "schedules.yaml"
+
+
+def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
+    config = load(write_project(tmp_path, BASE), {})
+    report = config.reports["r1"]
+    assert config.timezone == "UTC"
+    assert report.formats == ("html",)
+    assert report.recipients == ("a@example.com",)
+    assert config.sender_of(report) == "Reports <reports@example.com>"
+    assert config.rate_of(report) == 1.0
+    assert config.defaults.soft_time_limit < config.defaults.time_limit
+
+
+def test_environment_variables_are_expanded(tmp_path: Path) -> None:
+    text = """\
+datasources:
+  set:
+    url: "${DB_URL}"
+  defaulted:
+    url: "${UNSET_DB_URL:-sqlite:///fallback.db}"
+  empty-uses-default:
+    url: "${EMPTY_DB_URL:-sqlite:///empty.db}"
+reports:
+  r1:
+    schedule: "0 7 * * *"
+    subject: "Costs $$5 on ${HOST:-nowhere}"
+    template: t.html
+    recipients: ["${TO}"]
+"""
+    env = {"DB_URL": "postgresql://u@db/x", "EMPTY_DB_URL": "", "TO": "ops@example.com"}
+    config = load(write_project(tmp_path, text), env)
+    assert config.datasources["set"].url == "postgresql://u@db/x"
+    assert config.datasources["defaulted"].url == "sqlite:///fallback.db"
+    assert config.datasources["empty-uses-default"].url == "sqlite:///empty.db"
+    assert config.reports["r1"].subject == "Costs $5 on nowhere"
+    assert config.reports["r1"].recipients == ("ops@example.com",)
+
+
+def test_rates_are_emails_per_second(tmp_path: Path) -> None:
+    config = load(write_project(tmp_path, "defaults:\n  rate_limit: 30/m\n" + BASE + "    rate_limit: 7200/h\n"), {})
+    assert config.rate_of(config.reports["r1"]) == 2.0
+
+
+# --------------------------------------------------------------------------- broken configs
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    content: str | bytes
+    expected: list[tuple[int | None, str, str]]
+    """(line, dotted field, fragment of the message) of every problem, in the order reported."""
+
+
+CASES = [
+    Case("yaml-syntax-tab", "reports:\n\tr1: 1\n", [(2, "", "YAML syntax error")]),
+    Case("yaml-syntax-unclosed-quote", 'reports:\n  r1:\n    subject: "Hi\n', [(4, "", "YAML syntax error")]),
+    Case("yaml-syntax-mapping-in-scalar", "reports:\n  r1: a: b\n", [(2, "", "YAML syntax error: mapping values are not allowed")]),
+    Case("empty-file", "", [(None, "", "the document is empty")]),
+    Case("only-comments", "# nothing here\n\n", [(None, "", "the document is empty")]),
+    Case("list-not-mapping", "- a\n- b\n", [(1, "", "a list, not a mapping")]),
+    Case("non-utf8", b"reports:\n  r1:\n    subject: \xff\xfe caf\xe9\n", [(None, "", "not a UTF-8 text file")]),
+    Case("nul-bytes", "reports:\x00\n", [(None, "", "NUL bytes")]),
+    Case(
+        "duplicate-report-name",
+        BASE + '  r1:\n    schedule: "0 8 * * *"\n    subject: Again\n    template: t.html\n    recipients: [b@example.com]\n',
+        [(7, "reports.r1", "duplicate key (first defined on line 2)")],
+    ),
+    Case("duplicate-field", BASE + "    subject: Twice\n", [(7, "reports.r1.subject", "duplicate key (first defined on line 4)")]),
+    Case(
+        "unknown-key-did-you-mean",
+        BASE.replace("schedule:", "schedul:"),
+        [(2, "reports.r1.schedule", "is required but missing"), (3, "reports.r1.schedul", "unknown key (did you mean 'schedule'?)")],
+    ),
+    Case(
+        "unknown-top-level-key",
+        "timezone: UTC\nreport:\n  r1: {}\n" + BASE,
+        [(2, "report", "unknown key (did you mean 'reports'?)")],
+    ),
+    Case("wrong-type-formats-string", BASE + "    formats: html\n", [(7, "reports.r1.formats", "must be a list, not a string")]),
+    Case(
+        "wrong-type-subject-list",
+        BASE.replace("subject: Hi", "subject: [a, b]"),
+        [(4, "reports.r1.subject", "must be a string, not a list")],
+    ),
+    Case("wrong-type-bool", BASE + "    group: maybe\n", [(7, "reports.r1.group", "valid boolean")]),
+    Case("wrong-type-report-not-mapping", "reports:\n  r1: 5\n", [(2, "reports.r1", "must be a mapping, not a number")]),
+    Case("cron-out-of-range", BASE.replace("0 7 * * *", "0 25 * * *"), [(3, "reports.r1.schedule", "invalid cron '0 25 * * *'")]),
+    Case("cron-field-count", BASE.replace("0 7 * * *", "0 7 * *"), [(3, "reports.r1.schedule", "has 4 fields; expected 5")]),
+    Case("cron-garbage", BASE.replace("0 7 * * *", "every day"), [(3, "reports.r1.schedule", "has 2 fields")]),
+    Case("unknown-timezone", BASE + "    timezone: Mars/Olympus\n", [(7, "reports.r1.timezone", "unknown timezone 'Mars/Olympus'")]),
+    Case("unknown-top-level-timezone", "timezone: Europe/Berln\n" + BASE, [(1, "timezone", "unknown timezone 'Europe/Berln'")]),
+    Case(
+        "soft-equals-hard-time-limit",
+        "defaults:\n  soft_time_limit: 120\n  time_limit: 120\n" + BASE,
+        [(2, "defaults.soft_time_limit", "must be below time_limit (120 >= 120)")],
+    ),
+    Case(
+        "soft-above-hard-time-limit",
+        "defaults:\n  time_limit: 60\n  soft_time_limit: 90\n" + BASE,
+        [(3, "defaults.soft_time_limit", "must be below time_limit (90 >= 60)")],
+    ),
+    Case("negative-time-limit", "defaults:\n  soft_time_limit: -5\n" + BASE, [(2, "defaults.soft_time_limit", "greater than 0")]),
+    Case(
+        "invalid-email",
+        BASE.replace("a@example.com", "not-an-email"),
+        [(6, "reports.r1.recipients[0]", "'not-an-email' is not an email address")],
+    ),
+    Case(
+        "invalid-second-email",
+        BASE.replace("[a@example.com]", "[a@example.com, b@@example.com]"),
+        [(6, "reports.r1.recipients[1]", "'b@@example.com' is not an email address")],
+    ),
+    Case(
+        "email-with-header-injection",
+        BASE.replace("[a@example.com]", '["a@example.com\\r\\nBcc: x@example.net"]'),
+        [(6, "reports.r1.recipients[0]", "contains control characters")],
+    ),
+    Case("invalid-sender", "defaults:\n  sender: nobody\n" + BASE, [(2, "defaults.sender", "'nobody' is not an email address")]),
+    Case("invalid-owner", BASE + "    owners:\n      - ops at example.com\n", [(8, "reports.r1.owners[0]", "is not")]),
+    Case("empty-recipients", BASE.replace("[a@example.com]", "[]"), [(6, "reports.r1.recipients", "is empty; list at least one address")]),
+    Case("missing-template", BASE.replace("t.html", "missing.html"), [(5, "reports.r1.template", "template 'missing.html' not found")]),
+    Case(
+        "missing-text-template",
+        BASE + "    text_template: missing.txt\n",
+        [(7, "reports.r1.text_template", "template 'missing.txt' not found")],
+    ),
+    Case(
+        "undefined-variable",
+        "datasources:\n  w:\n    url: ${NOPE_VAR}\n" + BASE,
+        [(3, "datasources.w.url", "environment variable NOPE_VAR is not set")],
+    ),
+    Case(
+        "undefined-variable-in-list",
+        BASE.replace("[a@example.com]", '["${RCPT}"]'),
+        [
+            (6, "reports.r1.recipients[0]", "environment variable RCPT is not set"),
+            (6, "reports.r1.recipients[0]", "is not an email address"),
+        ],
+    ),
+    Case(
+        "unknown-datasource",
+        "datasources:\n  warehouse:\n    url: sqlite://\n" + BASE + "    query:\n      datasource: warehous\n      sql: select 1\n",
+        [(11, "reports.r1.query.datasource", "unknown datasource 'warehous' (did you mean 'warehouse'?) (known: warehouse)")],
+    ),
+    Case(
+        "datasource-without-any-defined",
+        BASE + "    query:\n      datasource: wh\n      sql: select 1\n",
+        [(8, "reports.r1.query.datasource", "unknown datasource 'wh' (known: none defined)")],
+    ),
+    Case(
+        "missing-seed-file",
+        "datasources:\n  w:\n    url: sqlite://\n    seed: nope.sql\n" + BASE,
+        [(4, "datasources.w.seed", "nope.sql not found")],
+    ),
+    Case(
+        "unknown-beat-task",
+        'beat:\n  hourly:\n    task: email_reports.schedule_hourl\n    cron: "1 * * * *"\n' + BASE,
+        [(3, "beat.hourly.task", "unknown task 'email_reports.schedule_hourl' (did you mean 'email_reports.schedule_hourly'?)")],
+    ),
+    Case(
+        "bad-beat-cron",
+        'beat:\n  hourly:\n    task: email_reports.schedule_hourly\n    cron: "1 * * *"\n' + BASE,
+        [(4, "beat.hourly.cron", "has 4 fields")],
+    ),
+    Case(
+        "beat-missing-cron",
+        "beat:\n  hourly:\n    task: email_reports.schedule_hourly\n" + BASE,
+        [(2, "beat.hourly.cron", "is required but missing")],
+    ),
+    Case("bad-rate-limit", "defaults:\n  rate_limit: fast\n" + BASE, [(2, "defaults.rate_limit", "rate 'fast' is not like '1/s'")]),
+    Case("zero-rate-limit", BASE + "    rate_limit: 0/s\n", [(7, "reports.r1.rate_limit", "rate '0/s' is not like")]),
+    Case(
+        "query-and-function",
+        "datasources:\n  w:\n    url: sqlite://\n"
+        + BASE
+        + "    function: mod:func\n    query:\n      datasource: w\n      sql: select 1\n",
+        [(5, "reports.r1", "give either 'query' or 'function', not both")],
+    ),
+    Case("function-not-module-colon-name", BASE + "    function: notamodule\n", [(7, "reports.r1.function", "must be 'module:function'")]),
+    Case("bad-format", BASE + "    formats: [html, docx]\n", [(7, "reports.r1.formats[1]", "'docx' is not one of html, pdf, csv")]),
+    Case("format-twice", BASE + "    formats: [pdf, pdf]\n", [(7, "reports.r1.formats", "lists a format twice")]),
+    Case("missing-subject", BASE.replace("    subject: Hi\n", ""), [(2, "reports.r1.subject", "is required but missing")]),
+    Case("missing-reports", "timezone: UTC\n", [(1, "reports", "is required but missing")]),
+    Case("no-reports", "reports: {}\n", [(1, "reports", "no reports defined")]),
+    Case("bad-report-name", BASE.replace("r1:", '"daily sales!":'), [(2, "reports.daily sales!", "a report name may use letters, digits")]),
+    Case("negative-max-retries", BASE + "    max_retries: -1\n", [(7, "reports.r1.max_retries", "greater than or equal to 0")]),
+    Case("non-scalar-key", "? [a, b]\n: 1\n" + BASE, [(1, "", "a key must be a plain value")]),
+    Case("python-tag", BASE + "    description: !!python/name:os.system x\n", [(7, "reports.r1.description", "bad value")]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_broken_config_is_refused_with_line_and_field(tmp_path: Path, case: Case) -> None:
+    path = write_project(tmp_path, case.content)
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    problems = info.value.problems
+    assert all(isinstance(p, Problem) for p in problems)
+    assert [(p.line, p.field) for p in problems] == [(line, field) for line, field, _ in case.expected], problems
+    for problem, (_, _, fragment) in zip(problems, case.expected, strict=True):
+        assert problem.file == str(path)
+        assert fragment in problem.message, problem
+    # The exception's text is what the CLI prints: every problem, located.
+    text = str(info.value)
+    for problem in problems:
+        assert str(problem) in text
+        if problem.line is not None:
+            assert f"{path}:{problem.line}: " in text
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "nope.yaml", {})
+    [problem] = info.value.problems
+    assert problem.file == str(tmp_path / "nope.yaml")
+    assert "file not found" in problem.message
+
+
+def test_every_problem_is_reported_at_once_sorted_by_line(tmp_path: Path) -> None:
+    text = """\
+timezone: Nope/Zone
+defaults:
+  rate_limit: fast
+  soft_time_limit: 200
+  time_limit: 100
+beat:
+  hourly:
+    task: email_reports.nothing
+    cron: "1 * * *"
+reports:
+  r1:
+    schedule: "bad"
+    subject: Hi
+    template: missing.html
+    recipients: [nope]
+  r2:
+    schedule: "0 7 * * *"
+    subject: Hi
+    template: t.html
+    recipients: [ok@example.com]
+    timezone: Moon/Base
+"""
+    with pytest.raises(ConfigError) as info:
+        load(write_project(tmp_path, text), {})
+    got = [(p.line, p.field) for p in info.value.problems]
+    assert got == [
+        (1, "timezone"),
+        (3, "defaults.rate_limit"),
+        (4, "defaults.soft_time_limit"),
+        (8, "beat.hourly.task"),
+        (9, "beat.hourly.cron"),
+        (12, "reports.r1.schedule"),
+        (14, "reports.r1.template"),
+        (15, "reports.r1.recipients[0]"),
+        (21, "reports.r2.timezone"),
+    ]
+    lines = [p.line or 0 for p in info.value.problems]
+    assert lines == sorted(lines)
+
+
+def test_model_errors_are_all_reported_at_once(tmp_path: Path) -> None:
+    """Type errors in several reports come back together, not one per run."""
+    text = BASE + "    formats: [docx]\n    group: perhaps\n  r2:\n    template: t.html\n    recipients: [a@example.com]\n"
+    with pytest.raises(ConfigError) as info:
+        load(write_project(tmp_path, text), {})
+    assert [(p.line, p.field) for p in info.value.problems] == [
+        (7, "reports.r1.formats[0]"),
+        (8, "reports.r1.group"),
+        (9, "reports.r2.schedule"),
+        (9, "reports.r2.subject"),
+    ]
+
+
+# --------------------------------------------------------------------------- never anything but ConfigError
+
+# Explicitly tagged scalars whose value does not fit the tag, and merge keys that merge a scalar:
+# YAML errors in the user's file, so they must come back as a located ConfigError.
+TAG_AND_MERGE_MISTAKES = [
+    ("bad-bool", BASE + "    enabled: !!bool nah\n", 7, "reports.r1.enabled"),
+    ("bad-int", BASE + "    max_retries: !!int three\n", 7, "reports.r1.max_retries"),
+    ("bad-float", "defaults:\n  time_limit: !!float soon\n" + BASE, 2, "defaults.time_limit"),
+    ("bad-timestamp", BASE + "    description: !!timestamp 2020-13-45\n", 7, "reports.r1.description"),
+    ("merge-a-scalar", "reports:\n  r1:\n    <<: 5\n    subject: Hi\n", 3, "reports.r1"),
+    ("merge-a-list-of-scalars", "<<: [1, 2]\n" + BASE, 1, ""),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "field"), [c[1:] for c in TAG_AND_MERGE_MISTAKES], ids=[c[0] for c in TAG_AND_MERGE_MISTAKES])
+def test_tag_and_merge_mistakes_are_config_errors(tmp_path: Path, text: str, line: int, field: str) -> None:
+    path = write_project(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    # Where exactly the field path ends (the mapping or its '<<' key) is the loader's choice.
+    assert any(p.file == str(path) and p.line == line and p.field.startswith(field) for p in info.value.problems), info.value.problems
+
+
+@pytest.fixture(scope="module")
+def templates_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz")
+    write_project(root, BASE)
+    return root / "templates"
+
+
+FIELD_NAMES = [
+    "timezone",
+    "defaults",
+    "datasources",
+    "beat",
+    "reports",
+    "r1",
+    "schedule",
+    "subject",
+    "template",
+    "recipients",
+    "formats",
+    "query",
+    "function",
+    "datasource",
+    "sql",
+    "params",
+    "task",
+    "cron",
+    "url",
+    "seed",
+    "sender",
+    "rate_limit",
+    "soft_time_limit",
+    "time_limit",
+    "max_retries",
+    "owners",
+    "group",
+    "enabled",
+    "<<",
+]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**6), max_value=10**6)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+    | st.sampled_from(
+        ["0 7 * * *", "* * * * *", "UTC", "Europe/Berlin", "a@example.com", "t.html", "1/s", "html", "pdf", "${X}", "$$", "${X:-y}"]
+    )
+)
+keys = st.sampled_from(FIELD_NAMES) | st.text(max_size=10)
+documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5), max_leaves=30)
+# YAML-looking text: fragments with a meaning to the YAML parser, glued together at random.
+fragments = st.sampled_from(
+    [
+        "reports:",
+        "\n",
+        "  ",
+        "- ",
+        ": ",
+        "r1",
+        "schedule",
+        '"',
+        "'",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "&a ",
+        "*a",
+        "<<: ",
+        "!!int ",
+        "!!bool ",
+        "!!float ",
+        "!!str ",
+        "!!timestamp ",
+        "!!binary ",
+        "!!python/object ",
+        "? ",
+        "#",
+        "---",
+        "...",
+        "%YAML 1.1",
+        "\t",
+        "${",
+        "}",
+        "x",
+        "1",
+        "yes",
+        "~",
+        "|",
+        ">",
+    ]
+)
+yamlish = st.lists(fragments, max_size=40).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=documents)
+def test_parse_of_any_yaml_document_is_config_or_config_error(templates_dir: Path, document: object) -> None:
+    text = yaml.safe_dump(document, allow_unicode=True)
+    try:
+        result = parse(text, "fuzz.yaml", {"X": "1"}, templates_dir)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, Problem) for p in exc.problems)
+    else:
+        assert isinstance(result, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=string.printable + "äß€\u2028", max_size=200) | yamlish)
+def test_parse_of_any_text_is_config_or_config_error(templates_dir: Path, text: str) -> None:
+    try:
+        result = parse(text, "fuzz.yaml", {}, templates_dir)
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, Problem) for p in exc.problems)
+    else:
+        assert isinstance(result, Config)
