@@ -224,7 +224,7 @@ def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path)
     problems: list[Problem] = []
     data, lines = _read_yaml(text, file)
     if not isinstance(data, dict):
-        kind = "empty" if data is None else f"a {type(data).__name__}, not a mapping"
+        kind = "empty" if data is None else ("a list" if isinstance(data, list) else "a single plain value") + ", not a mapping"
         raise ConfigError([Problem(file, lines.get((), 1) if data is not None else None, "", f"the document is {kind}; expected a mapping with at least 'reports:'")])
     data = _expand(data, (), environ, file, lines, problems)
 
@@ -277,7 +277,11 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
             problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), "nested too deeply"))
             return None
         if isinstance(n, yaml.MappingNode):
-            constructor.flatten_mapping(n)
+            try:
+                constructor.flatten_mapping(n)
+            except yaml.YAMLError as exc:
+                problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad merge key: {getattr(exc, 'problem', None) or exc}"))
+                return None
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
                 if not isinstance(key_node, yaml.ScalarNode):
@@ -298,8 +302,10 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
             return [walk(item, (*path, i), depth + 1) for i, item in enumerate(n.value)]
         try:
             return constructor.construct_object(n, deep=True)
-        except yaml.YAMLError as exc:
-            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad value: {getattr(exc, 'problem', exc)}"))
+        except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
+            # A tagged scalar that does not fit its tag (`!!int three`, `!!bool nah`).
+            detail = getattr(exc, "problem", None) or f"{n.value!r} is not a valid {n.tag.rsplit(':', 1)[-1]}"
+            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad value: {detail}"))
             return None
 
     data = walk(node, (), 0)

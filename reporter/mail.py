@@ -12,7 +12,7 @@ import smtplib
 import socket
 import ssl
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, getaddresses, parseaddr
@@ -30,8 +30,10 @@ from reporter.settings import mask_url
 def message_id(report: str, slot: datetime, recipient: str, sender: str) -> str:
     """Deterministic Message-ID of (report, slot, recipient): a resend carries the same id."""
     digest = hashlib.sha256(f"{report}\x00{isoformat(slot)}\x00{recipient.lower()}".encode()).hexdigest()[:24]
-    domain = parseaddr(sender)[1].rpartition("@")[2] or "reporter.invalid"
-    return f"<{report}.{slot.strftime('%Y%m%dT%H%M%SZ')}.{digest}@{domain}>"
+    address = parseaddr(sender)[1]
+    domain = address.rpartition("@")[2] if "@" in address else ""
+    utc = slot.astimezone(UTC)
+    return f"<{report}.{utc.strftime('%Y%m%dT%H%M%SZ')}.{digest}@{domain or 'reporter.invalid'}>"
 
 
 def build(rendered: Rendered, sender: str, to: list[str], cc: list[str], msg_id: str, with_html: bool) -> EmailMessage:
@@ -115,14 +117,21 @@ class SmtpSettings:
         try:
             parts = urlsplit(url)
             port = parts.port
-        except ValueError as exc:
-            raise problem(f"not a valid URL: {exc}") from None
+        except ValueError:
+            # urllib's message quotes the text it choked on, which may be part of the password.
+            raise problem("not a valid URL: check the port, and percent-encode '/', '@' or ':' in the password (%2F, %40, %3A)") from None
         if parts.scheme not in ("smtp", "smtps"):
             raise problem("must start with smtp:// or smtps://")
         if not parts.hostname:
             raise problem("names no host")
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         starttls = query.get("starttls", "false").lower() in ("1", "true", "yes")
+        try:
+            timeout = float(query.get("timeout", defaults.SMTP_TIMEOUT))
+        except ValueError:
+            raise problem(f"timeout={query['timeout']!r} is not a number of seconds") from None
+        if not 0 < timeout <= 3600:
+            raise problem("timeout must be between 0 and 3600 seconds")
         return cls(
             host=parts.hostname,
             port=port or (465 if parts.scheme == "smtps" else 25),
@@ -130,7 +139,7 @@ class SmtpSettings:
             starttls=starttls,
             user=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            timeout=float(query.get("timeout", defaults.SMTP_TIMEOUT)),
+            timeout=timeout,
         )
 
 

@@ -16,7 +16,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
+from weasyprint.urls import URLFetcher
 
 from reporter.config import Config
 from reporter.data import Datasources, Table
@@ -121,7 +123,7 @@ class Renderer:
 
     def pdf(self, html: str) -> bytes:
         """HTML -> PDF with 'Page N of M' footers. Only files under the templates folder are fetched."""
-        import weasyprint
+        import weasyprint  # heavy; imported on first PDF, not by `reporter validate`
 
         fetcher = TemplatesOnlyFetcher(self.config.templates_dir)
         try:
@@ -160,15 +162,30 @@ class Renderer:
                 self.text_env.parse(report.subject)
             except jinja2.TemplateSyntaxError as exc:
                 out.append(Problem(file, None, f"reports.{name}.subject", f"template syntax error: {exc.message}"))
-            for env, template in ((self.html_env, report.template), (self.text_env, report.text_template)):
-                if template is None:
-                    continue
-                try:
-                    env.get_template(template)
-                except jinja2.TemplateSyntaxError as exc:
-                    out.append(Problem(str(self.config.templates_dir / template), exc.lineno, f"reports.{name}.template", f"template syntax error: {exc.message}"))
-                except jinja2.TemplateNotFound:
-                    pass  # reported by the config check
+            for key, env, template in (("template", self.html_env, report.template), ("text_template", self.text_env, report.text_template)):
+                if template is not None:
+                    out.extend(self._template_problems(env, template, f"reports.{name}.{key}", set()))
+        return list(dict.fromkeys(out))
+
+    def _template_problems(self, env: SandboxedEnvironment, template: str, field: str, seen: set[str]) -> list[Problem]:
+        """Syntax errors in TEMPLATE and in every template it extends, includes or imports."""
+        if template in seen:
+            return []
+        seen.add(template)
+        try:
+            source, filename, _ = env.loader.get_source(env, template)  # type: ignore[union-attr]
+        except jinja2.TemplateNotFound as exc:
+            if exc.name == template and len(seen) == 1:
+                return []  # the report's own template missing is reported by the config check
+            return [Problem(str(self.config.templates_dir), None, field, f"template {exc.name!r} (used by {template}) not found")]
+        try:
+            ast = env.parse(source, template, filename)
+        except jinja2.TemplateSyntaxError as exc:
+            return [Problem(filename or template, exc.lineno, field, f"template syntax error: {exc.message}")]
+        out: list[Problem] = []
+        for ref in jinja2.meta.find_referenced_templates(ast):
+            if ref is not None:
+                out.extend(self._template_problems(env, ref, field, seen))
         return out
 
 
@@ -212,17 +229,15 @@ def _template_line(exc: BaseException, template: str) -> str:
     return line
 
 
-class TemplatesOnlyFetcher:
-    """WeasyPrint URL fetcher: data: URLs and files under ROOT only; anything else is refused."""
+class TemplatesOnlyFetcher(URLFetcher):  # type: ignore[misc]
+    """WeasyPrint URL fetcher: data: URLs and files under ROOT only; anything else is refused.
+
+    A refused resource is logged and left out; the PDF still renders.
+    """
 
     def __init__(self, root: Path) -> None:
-        from weasyprint.urls import URLFetcher
-
+        super().__init__(allowed_protocols={"file", "data"}, allow_redirects=False, fail_on_errors=False)
         self.root = root.resolve()
-        self._inner = URLFetcher(allowed_protocols={"file", "data"}, allow_redirects=False)
-
-    def __call__(self, url: str, *args: Any, **kwargs: Any) -> Any:
-        return self.fetch(url)
 
     def fetch(self, url: str, headers: Any = None) -> Any:
         scheme = url.split(":", 1)[0].lower()
@@ -234,4 +249,4 @@ class TemplatesOnlyFetcher:
         elif scheme != "data":
             log.warning("refused to fetch %s: only files under the templates folder and data: URLs", url)
             raise ValueError(f"refused: {url}")
-        return self._inner.fetch(url, headers)
+        return super().fetch(url, headers)

@@ -40,11 +40,28 @@ def _local(at: datetime, zone: tzinfo) -> datetime:
     return at.astimezone(zone)
 
 
+def _repeated_hour(local: datetime, zone: tzinfo) -> bool:
+    """True for the second pass through a wall-clock time that a DST fall-back repeats."""
+    naive = local.replace(tzinfo=None)
+    first, second = naive.replace(fold=0, tzinfo=zone), naive.replace(fold=1, tzinfo=zone)
+    return first.utcoffset() != second.utcoffset() and local.utcoffset() == second.utcoffset()
+
+
 def iter_fires(expr: str, zone: tzinfo, after: datetime) -> Iterator[datetime]:
-    """Fire times strictly after AFTER, in UTC, forever."""
+    """Fire times strictly after AFTER, in UTC, forever.
+
+    Like cron itself on a DST fall-back: a job with a fixed hour runs once, in the first pass through
+    the repeated hour; a job whose hour field is a wildcard or a step runs in both passes.
+    """
+    fixed_hour = not expr.startswith("@") and not expr.split()[1].startswith("*")
+    if expr.strip() in ("@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually"):
+        fixed_hour = True
     it = croniter(expr, _local(after, zone))
     while True:
-        fire = it.get_next(datetime).astimezone(UTC)
+        local = it.get_next(datetime)
+        fire = local.astimezone(UTC)
+        if fixed_hour and _repeated_hour(local, zone):
+            continue
         if fire > after:
             yield fire
 

@@ -61,18 +61,20 @@ class Settings:
 
 
 def mask_url(url: str) -> str:
-    """URL with any password replaced by '***', for logs, errors and history."""
-    from urllib.parse import urlsplit, urlunsplit
+    """URL with any password replaced by '***', for logs, errors and history.
 
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
+    Works on the text, not on a parsed URL, so a password with an unescaped '/' or a URL that
+    urllib cannot parse is still masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    authority_end = len(rest.split("?", 1)[0].split("#", 1)[0])
+    at = rest.rfind("@", 0, authority_end)
+    if at == -1:
+        return url
+    userinfo = rest[:at]
+    if ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***{rest[at:]}"

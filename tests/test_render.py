@@ -23,7 +23,6 @@ from tests.conftest import Project
 
 # WeasyPrint warns at import when the system lacks libharfbuzz-subset (it falls back to fontTools);
 # pytest turns warnings into errors, and that one is about the machine, not about reporter.
-pytestmark = pytest.mark.filterwarnings("ignore:HarfBuzz-Subset:DeprecationWarning")
 
 SLOT = datetime(2026, 7, 1, 7, 0, tzinfo=UTC)
 XSS = "<script>alert(1)</script>"
