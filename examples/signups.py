@@ -16,6 +16,5 @@ def last_minute(slot: datetime, report: str) -> list[dict[str, object]]:
     start = slot - timedelta(minutes=1)
     seed = int(start.timestamp()) // 60
     return [
-        {"plan": plan, "signups": (seed * (i + 3)) % (40 // (i + 1)) + 1, "since": start.strftime("%H:%M")}
-        for i, plan in enumerate(PLANS)
+        {"plan": plan, "signups": (seed * (i + 3)) % (40 // (i + 1)) + 1, "since": start.strftime("%H:%M")} for i, plan in enumerate(PLANS)
     ]

@@ -109,5 +109,9 @@ class Scheduler(beat.Scheduler):
             sched = entry.schedule
             fired = latest_fire(sched.cron, sched.zone, datetime.now(UTC))
             entry = copy.copy(entry)
-            entry.kwargs = {**entry.kwargs, "scheduled_for": isoformat(fired), "window_end": isoformat(next_fire(sched.cron, sched.zone, fired))}
+            entry.kwargs = {
+                **entry.kwargs,
+                "scheduled_for": isoformat(fired),
+                "window_end": isoformat(next_fire(sched.cron, sched.zone, fired)),
+            }
         return super().apply_async(entry, producer, advance, **kwargs)

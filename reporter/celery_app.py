@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from reporter import defaults
 from reporter.errors import ConfigError
@@ -33,7 +33,9 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Let a running send finish if the broker connection drops: it records `sent` in the ledger, and
+    # the redelivered copy then finds it done. Cancelling would cut sends off mid-SMTP-transaction.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     # Each queue its own exchange and routing key, so a send-now never lands behind scheduled work.
     task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (defaults.QUEUE_URGENT, defaults.QUEUE_SCHEDULED)),
     task_default_exchange=defaults.QUEUE_SCHEDULED,

@@ -70,7 +70,10 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    fmt = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+
+    def fmt(r: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+
     return "\n".join([fmt(list(headers)), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
 
 
@@ -86,14 +89,21 @@ def parse_slot(text: str | None, zone: Any) -> datetime | None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="schedules.yaml to use [env: REPORTER_CONFIG; default ./schedules.yaml]")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="schedules.yaml to use [env: REPORTER_CONFIG; default ./schedules.yaml]",
+)
 @click.version_option(package_name="reporter")
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None) -> None:
     """Scheduled email reports: schedules.yaml -> Celery beat -> workers -> inboxes."""
     settings = Settings.from_env()
     if config_path is not None:
-        templates = settings.templates_dir if settings.environ.get("REPORTER_TEMPLATES") else config_path.parent / defaults.TEMPLATES_DIRNAME
+        templates = (
+            settings.templates_dir if settings.environ.get("REPORTER_TEMPLATES") else config_path.parent / defaults.TEMPLATES_DIRNAME
+        )
         settings = dataclasses.replace(settings, config_path=config_path, templates_dir=templates)
     ctx.obj = Context(settings)
 
@@ -262,7 +272,9 @@ def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) ->
 
 @cli.command()
 @click.argument("report", required=False)
-@click.option("--status", type=click.Choice(["queued", "rendering", "sending", "sent", "failed", "skipped"]), help="only rows in this state")
+@click.option(
+    "--status", type=click.Choice(["queued", "rendering", "sending", "sent", "failed", "skipped"]), help="only rows in this state"
+)
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--upcoming", is_flag=True, help="also list slots still to come (queued with an eta)")
 @click.pass_obj

@@ -176,9 +176,7 @@ class Config(_Model):
         except KeyError:
             known = ", ".join(sorted(self.reports)) or "none"
             hint = _did_you_mean(name, self.reports)
-            raise ConfigError(
-                [Problem(str(self.source), None, "reports", f"no report named {name!r}{hint} (known: {known})")]
-            ) from None
+            raise ConfigError([Problem(str(self.source), None, "reports", f"no report named {name!r}{hint} (known: {known})")]) from None
 
     def zone(self, report: Report) -> zoneinfo.ZoneInfo:
         """The report's own timezone, else the config's."""
@@ -225,7 +223,16 @@ def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path)
     data, lines = _read_yaml(text, file)
     if not isinstance(data, dict):
         kind = "empty" if data is None else ("a list" if isinstance(data, list) else "a single plain value") + ", not a mapping"
-        raise ConfigError([Problem(file, lines.get((), 1) if data is not None else None, "", f"the document is {kind}; expected a mapping with at least 'reports:'")])
+        raise ConfigError(
+            [
+                Problem(
+                    file,
+                    lines.get((), 1) if data is not None else None,
+                    "",
+                    f"the document is {kind}; expected a mapping with at least 'reports:'",
+                )
+            ]
+        )
     data = _expand(data, (), environ, file, lines, problems)
 
     def line_of(loc: Path_) -> int | None:
@@ -280,7 +287,9 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
             try:
                 constructor.flatten_mapping(n)
             except yaml.YAMLError as exc:
-                problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad merge key: {getattr(exc, 'problem', None) or exc}"))
+                problems.append(
+                    Problem(file, n.start_mark.line + 1, _dotted(path), f"bad merge key: {getattr(exc, 'problem', None) or exc}")
+                )
                 return None
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
@@ -292,7 +301,12 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
                 if key in out:
                     first = lines.get((*path, key))
                     problems.append(
-                        Problem(file, key_node.start_mark.line + 1, _dotted((*path, key)), f"duplicate key (first defined on line {first}); YAML would silently keep only the last")
+                        Problem(
+                            file,
+                            key_node.start_mark.line + 1,
+                            _dotted((*path, key)),
+                            f"duplicate key (first defined on line {first}); YAML would silently keep only the last",
+                        )
                     )
                     continue
                 lines[(*path, key)] = key_node.start_mark.line + 1
@@ -331,7 +345,9 @@ def _expand(value: Any, path: Path_, environ: Mapping[str, str], file: str, line
             return environ[name]
         if default is not None:
             return default
-        problems.append(Problem(file, lines.get(path), _dotted(path), f"environment variable {name} is not set; set it, or write ${{{name}:-default}}"))
+        problems.append(
+            Problem(file, lines.get(path), _dotted(path), f"environment variable {name} is not set; set it, or write ${{{name}:-default}}")
+        )
         return ""
 
     return VAR_RE.sub(sub, value)
@@ -381,7 +397,10 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
         source_name = query.get("datasource") if isinstance(query, dict) else None
         if isinstance(source_name, str) and source_name not in datasources:
             known = ", ".join(sorted(datasources)) or "none defined"
-            bad((*loc, "query", "datasource"), f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})")
+            bad(
+                (*loc, "query", "datasource"),
+                f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})",
+            )
     return problems
 
 
@@ -467,4 +486,12 @@ def _message(err: Any, loc: Path_) -> str:
 
 
 def _yaml_type(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "empty"}.get(type(value), type(value).__name__)
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        type(None): "empty",
+    }.get(type(value), type(value).__name__)

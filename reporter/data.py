@@ -95,7 +95,7 @@ class Datasources:
         try:
             cursor = raw.cursor()
             if engine.dialect.name == "sqlite":
-                cursor.executescript(script)  # type: ignore[attr-defined]
+                cursor.executescript(script)
             else:
                 cursor.execute(script)
             raw.commit()

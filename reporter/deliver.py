@@ -15,7 +15,6 @@ from email.utils import parseaddr
 from functools import cached_property
 from typing import Any
 
-from reporter import ledger as L
 from reporter.config import Config, normalize_address
 from reporter.errors import DeliveryError, PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
@@ -98,7 +97,9 @@ def recipient_keys(addresses_: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def send_slot(rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None = None, trigger: str = "schedule", task_id: str | None = None) -> SendResult:
+def send_slot(
+    rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None = None, trigger: str = "schedule", task_id: str | None = None
+) -> SendResult:
     """Deliver report NAME for SLOT (aware UTC) to its recipients, or to ONLY, exactly once each."""
     report = rt.config.report(name)
     targets = recipient_keys(only if only else report.recipients)
@@ -149,7 +150,7 @@ def send_slot(rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None
                 except TransientDeliveryError as exc:
                     # The server or the network is in trouble: give back this group and the rest.
                     in_flight = []
-                    rest = [r for g in groups[groups.index(group):] for r in g]
+                    rest = [r for g in groups[groups.index(group) :] for r in g]
                     rt.ledger.release(claim.token, name, slot, rest, str(exc))
                     result.retry.update(dict.fromkeys(rest, str(exc)))
                     pending = []
@@ -176,8 +177,15 @@ def send_slot(rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None
                         error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
                         rt.ledger.mark_failed(claim.token, name, slot, [recipient], error)
                         result.failed[recipient] = error
-                    log.info("delivery report=%s slot=%s recipient=%s status=%s ms=%d message_id=%s", name, isoformat(slot), recipient,
-                             "sent" if refused is None else "refused", duration, msg_id)
+                    log.info(
+                        "delivery report=%s slot=%s recipient=%s status=%s ms=%d message_id=%s",
+                        name,
+                        isoformat(slot),
+                        recipient,
+                        "sent" if refused is None else "refused",
+                        duration,
+                        msg_id,
+                    )
                 pending = [r for r in pending if r not in group]
         finally:
             mailer.close()

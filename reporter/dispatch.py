@@ -72,7 +72,9 @@ def dispatch(
             for slot in missed:
                 if not ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)):
                     ledger.ensure(name, slot, keys)
-                    ledger.mark_skipped(name, slot, list(keys), "missed: the dispatcher did not run, and the slot is older than the catch-up grace")
+                    ledger.mark_skipped(
+                        name, slot, list(keys), "missed: the dispatcher did not run, and the slot is older than the catch-up grace"
+                    )
         for slot in slots_between(report.schedule, zone, grace_start, start):
             statuses = ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)).get(slot)
             never_dispatched = statuses is None and mark is not None and slot >= mark

@@ -164,7 +164,16 @@ class Ledger:
         """Insert a queued row for each recipient that has none; return how many were new."""
         stamp = now()
         values = [
-            {"report": report, "slot": slot, "recipient": r, "status": QUEUED, "trigger": trigger, "attempts": 0, "created_at": stamp, "updated_at": stamp}
+            {
+                "report": report,
+                "slot": slot,
+                "recipient": r,
+                "status": QUEUED,
+                "trigger": trigger,
+                "attempts": 0,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
             for r in dict.fromkeys(recipients)
         ]
         if not values:
@@ -203,9 +212,18 @@ class Ledger:
             conn.execute(
                 deliveries.update()
                 .where(key & claimable)
-                .values(status=RENDERING, claim_token=token, claimed_at=stamp, updated_at=stamp, attempts=deliveries.c.attempts + 1, task_id=task_id)
+                .values(
+                    status=RENDERING,
+                    claim_token=token,
+                    claimed_at=stamp,
+                    updated_at=stamp,
+                    attempts=deliveries.c.attempts + 1,
+                    task_id=task_id,
+                )
             )
-            rows = conn.execute(sa.select(deliveries.c.recipient, deliveries.c.status, deliveries.c.claim_token, deliveries.c.claimed_at).where(key)).all()
+            rows = conn.execute(
+                sa.select(deliveries.c.recipient, deliveries.c.status, deliveries.c.claim_token, deliveries.c.claimed_at).where(key)
+            ).all()
         mine = tuple(r.recipient for r in rows if r.claim_token == token and r.status == RENDERING)
         done = tuple(r.recipient for r in rows if r.status in FINAL)
         busy_rows = [r for r in rows if r.claim_token != token and r.status in IN_FLIGHT]
@@ -238,9 +256,22 @@ class Ledger:
     def mark_sending(self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str) -> int:
         return self._update(token, report, slot, recipients, status=SENDING, message_id=message_id)
 
-    def mark_sent(self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str, duration_ms: int, size_bytes: int) -> int:
+    def mark_sent(
+        self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str, duration_ms: int, size_bytes: int
+    ) -> int:
         stamp = now()
-        return self._update(token, report, slot, recipients, status=SENT, message_id=message_id, error=None, sent_at=stamp, duration_ms=duration_ms, size_bytes=size_bytes)
+        return self._update(
+            token,
+            report,
+            slot,
+            recipients,
+            status=SENT,
+            message_id=message_id,
+            error=None,
+            sent_at=stamp,
+            duration_ms=duration_ms,
+            size_bytes=size_bytes,
+        )
 
     def mark_failed(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
         return self._update(token, report, slot, recipients, status=FAILED, error=error[:4000])
@@ -254,7 +285,12 @@ class Ledger:
         with self.engine.begin() as conn:
             result = conn.execute(
                 deliveries.update()
-                .where((deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients)) & (deliveries.c.status == QUEUED))
+                .where(
+                    (deliveries.c.report == report)
+                    & (deliveries.c.slot == slot)
+                    & deliveries.c.recipient.in_(list(recipients))
+                    & (deliveries.c.status == QUEUED)
+                )
                 .values(status=SKIPPED, error=why, updated_at=stamp)
             )
             return result.rowcount or 0
@@ -262,7 +298,9 @@ class Ledger:
     def advance_mark(self, report: str, until: datetime) -> None:
         """Record that REPORT's slots before UNTIL have been dispatched (never moves backwards)."""
         with self.engine.begin() as conn:
-            moved = conn.execute(marks.update().where((marks.c.report == report) & (marks.c.covered_until < until)).values(covered_until=until))
+            moved = conn.execute(
+                marks.update().where((marks.c.report == report) & (marks.c.covered_until < until)).values(covered_until=until)
+            )
             if moved.rowcount:
                 return
             if conn.execute(sa.select(marks.c.report).where(marks.c.report == report)).first() is None:
@@ -286,7 +324,12 @@ class Ledger:
     # ----------------------------------------------------------------- reading
 
     def rows(
-        self, report: str | None = None, slot: datetime | None = None, status: str | None = None, limit: int | None = None, until: datetime | None = None
+        self,
+        report: str | None = None,
+        slot: datetime | None = None,
+        status: str | None = None,
+        limit: int | None = None,
+        until: datetime | None = None,
     ) -> list[Row]:
         """Rows, newest slot first; with UNTIL, only slots at or before it."""
         query = sa.select(deliveries).order_by(deliveries.c.slot.desc(), deliveries.c.report, deliveries.c.recipient)

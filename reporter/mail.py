@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import mailbox
 import smtplib
-import socket
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -113,7 +112,10 @@ class SmtpSettings:
     @classmethod
     def from_url(cls, url: str) -> SmtpSettings:
         """smtp://[user:pass@]host[:port][?starttls=true&timeout=30] or smtps://…"""
-        problem = lambda msg: ConfigError([Problem("REPORTER_SMTP_URL", None, "", f"{msg} (got {mask_url(url)})")])  # noqa: E731
+
+        def problem(msg: str) -> ConfigError:
+            return ConfigError([Problem("REPORTER_SMTP_URL", None, "", f"{msg} (got {mask_url(url)})")])
+
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -168,7 +170,9 @@ class SmtpTransport:
         except smtplib.SMTPAuthenticationError as exc:
             conn.close()
             # The server's words only: never the password.
-            raise PermanentDeliveryError(f"SMTP login as {s.user!r} refused by {s.host}:{s.port}: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+            raise PermanentDeliveryError(
+                f"SMTP login as {s.user!r} refused by {s.host}:{s.port}: {exc.smtp_code} {_text(exc.smtp_error)}"
+            ) from None
         except BaseException:
             conn.close()
             raise
@@ -188,9 +192,11 @@ class SmtpTransport:
             if 400 <= exc.smtp_code < 500 or exc.smtp_code == -1:
                 raise TransientDeliveryError(text) from None
             raise PermanentDeliveryError(text) from None
-        except (smtplib.SMTPServerDisconnected, smtplib.SMTPConnectError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
+        except (smtplib.SMTPServerDisconnected, smtplib.SMTPConnectError, ConnectionError, TimeoutError, OSError) as exc:
             self._drop()
-            raise TransientDeliveryError(f"SMTP {self.settings.host}:{self.settings.port} unreachable: {type(exc).__name__}: {exc}") from None
+            raise TransientDeliveryError(
+                f"SMTP {self.settings.host}:{self.settings.port} unreachable: {type(exc).__name__}: {exc}"
+            ) from None
         except smtplib.SMTPException as exc:
             self._drop()
             raise TransientDeliveryError(f"SMTP error from {self.settings.host}:{self.settings.port}: {exc}") from None

@@ -129,7 +129,7 @@ class Renderer:
         try:
             page_css = weasyprint.CSS(filename=str(BUILTIN_TEMPLATES / "page.css"), url_fetcher=fetcher)
             document = weasyprint.HTML(string=html, base_url=str(self.config.templates_dir.resolve()) + "/", url_fetcher=fetcher)
-            pdf = document.write_pdf(stylesheets=[page_css])
+            pdf: bytes | None = document.write_pdf(stylesheets=[page_css])
         except Exception as exc:  # noqa: BLE001 - WeasyPrint raises many kinds; all mean "no PDF"
             raise RenderError(f"PDF rendering failed: {type(exc).__name__}: {exc}") from None
         assert pdf is not None
@@ -162,7 +162,10 @@ class Renderer:
                 self.text_env.parse(report.subject)
             except jinja2.TemplateSyntaxError as exc:
                 out.append(Problem(file, None, f"reports.{name}.subject", f"template syntax error: {exc.message}"))
-            for key, env, template in (("template", self.html_env, report.template), ("text_template", self.text_env, report.text_template)):
+            for key, env, template in (
+                ("template", self.html_env, report.template),
+                ("text_template", self.text_env, report.text_template),
+            ):
                 if template is not None:
                     out.extend(self._template_problems(env, template, f"reports.{name}.{key}", set()))
         return list(dict.fromkeys(out))
@@ -207,7 +210,10 @@ def text_table(columns: list[str], rows: list[dict[str, Any]], max_width: int = 
 
     body = [[cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)).rstrip()
+
     return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 

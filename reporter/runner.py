@@ -114,7 +114,18 @@ def run_all(settings: Settings, concurrency: int) -> int:
             marker.write_text(broker + "\n")
         env = {**settings.environ, "REPORTER_BROKER_URL": broker}
         celery = [sys.executable, "-m", "celery", "-A", "reporter.celery_app"]
-        worker_cmd = [*celery, "worker", "-Q", f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}", "-c", str(concurrency), "-n", "reporter-run@%h", "--loglevel", "INFO"]
+        worker_cmd = [
+            *celery,
+            "worker",
+            "-Q",
+            f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}",
+            "-c",
+            str(concurrency),
+            "-n",
+            "reporter-run@%h",
+            "--loglevel",
+            "INFO",
+        ]
         beat_cmd = [*celery, "beat", "--loglevel", "INFO", "-s", str(var_dir / "celerybeat-schedule")]
         children.append(("worker", subprocess.Popen(worker_cmd, env=env, start_new_session=True)))
         children.append(("beat", subprocess.Popen(beat_cmd, env=env, start_new_session=True)))

@@ -81,7 +81,7 @@ def latest_fire(expr: str, zone: tzinfo, at: datetime) -> datetime:
     """The last fire time at or before AT."""
     it = croniter(expr, _local(at + timedelta(seconds=1), zone))
     while True:
-        fire = it.get_prev(datetime).astimezone(UTC)
+        fire: datetime = it.get_prev(datetime).astimezone(UTC)
         if fire <= at:
             return fire
 

@@ -25,9 +25,11 @@ SEND = "email_reports.send"
 PRUNE = "email_reports.prune_ledger"
 
 
-def backoff(retries: int, base: float = defaults.RETRY_BACKOFF, maximum: float = defaults.RETRY_BACKOFF_MAX, rand: random.Random | None = None) -> float:
+def backoff(
+    retries: int, base: float = defaults.RETRY_BACKOFF, maximum: float = defaults.RETRY_BACKOFF_MAX, rand: random.Random | None = None
+) -> float:
     """Exponential backoff with equal jitter: half the step fixed, half random, capped at MAXIMUM."""
-    step = min(maximum, base * (2**retries))
+    step: float = min(maximum, base * (2**retries))
     return step / 2 + (rand or random).uniform(0, step / 2)
 
 
@@ -39,7 +41,9 @@ def send_options(rt: Runtime, name: str) -> dict[str, Any]:
     return {"soft_time_limit": d.soft_time_limit + waiting, "time_limit": d.time_limit + waiting}
 
 
-def enqueue_send(rt: Runtime, due: Due, queue: str = defaults.QUEUE_SCHEDULED, only: list[str] | None = None, trigger: str = "schedule") -> Any:
+def enqueue_send(
+    rt: Runtime, due: Due, queue: str = defaults.QUEUE_SCHEDULED, only: list[str] | None = None, trigger: str = "schedule"
+) -> Any:
     """Publish email_reports.send for DUE with eta=slot (a past eta runs at once)."""
     return send.apply_async(
         args=(due.report, isoformat(due.slot)),
@@ -96,7 +100,12 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
         # Another execution holds these rows (a redelivered copy of this task, or a process that
         # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.
         wait = max((result.busy_until - datetime.now(UTC)).total_seconds(), 1.0)
-        self.apply_async(args=(report, slot), kwargs={"only": result.busy, "trigger": trigger}, countdown=wait, queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None)
+        self.apply_async(
+            args=(report, slot),
+            kwargs={"only": result.busy, "trigger": trigger},
+            countdown=wait,
+            queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None,
+        )
     return result.as_dict()
 
 

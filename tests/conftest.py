@@ -137,7 +137,9 @@ def pg_url() -> Iterator[str]:
     url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
     with admin.connect() as conn:
-        conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+        conn.execute(
+            sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()")
+        )
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
 
@@ -222,7 +224,9 @@ def make_project(tmp_path: Path) -> Callable[..., Project]:
         (root / "templates" / "simple.html").write_text(SIMPLE_TEMPLATE)
         (root / "orders.sql").write_text(ORDERS_SQL)
         rcpts = recipients or ["ann@example.com", "ben@example.com", "cy@example.com"]
-        text = yaml_text or REPORT_YAML.format(root=root, cron=cron, dispatch_cron=dispatch_cron, recipients="[" + ", ".join(rcpts) + "]", rate=rate)
+        text = yaml_text or REPORT_YAML.format(
+            root=root, cron=cron, dispatch_cron=dispatch_cron, recipients="[" + ", ".join(rcpts) + "]", rate=rate
+        )
         (root / "schedules.yaml").write_text(textwrap.dedent(text))
         return Project(root)
 
@@ -263,8 +267,26 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     def start(env: dict[str, str], concurrency: int = 2, name: str | None = None, ready_timeout: float = 60) -> Worker:
         name = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:4]}"
         log = tmp_path / f"{name}.log"
-        cmd = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "worker", "-P", "prefork", "-c", str(concurrency),
-               "-Q", "reporter.urgent,reporter.scheduled", "-n", f"{name}@%h", "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "reporter.celery_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "-Q",
+            "reporter.urgent,reporter.scheduled",
+            "-n",
+            f"{name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+        ]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         worker = Worker(proc, log, name)
@@ -283,9 +305,13 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         worker.stop()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """`python -m reporter ARGS…` as a subprocess."""
-    return subprocess.run([sys.executable, "-m", "reporter", *args], env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "reporter", *args], env=env, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture

@@ -83,7 +83,9 @@ def test_unknown_report_names_the_known_ones(shipped_copy: Path) -> None:
 def test_list_and_next(shipped_copy: Path) -> None:
     done = run_cli("list", env=clean_env(), cwd=shipped_copy)
     assert done.returncode == 0, done.stderr
-    assert re.search(r"sales-daily\s+At 07:00, Monday through Friday \(0 7 \* \* 1-5\)\s+Europe/Berlin\s+\d{4}-\d\d-\d\d 07:00 CES?T", done.stdout), done.stdout
+    assert re.search(
+        r"sales-daily\s+At 07:00, Monday through Friday \(0 7 \* \* 1-5\)\s+Europe/Berlin\s+\d{4}-\d\d-\d\d 07:00 CES?T", done.stdout
+    ), done.stdout
     done = run_cli("next", "sales-daily", "-n", "3", env=clean_env(), cwd=shipped_copy)
     assert done.returncode == 0, done.stderr
     times = done.stdout.strip().splitlines()
@@ -175,7 +177,13 @@ def processes_in(folder: Path) -> list[int]:
 def test_run_delivers_on_embedded_defaults_and_ctrl_c_stops_everything(shipped_copy: Path, inbox: Inbox) -> None:
     log = shipped_copy / "run.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reporter", "run"], cwd=shipped_copy, env=clean_env(REPORTER_SMTP_URL=inbox.url), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reporter", "run"],
+            cwd=shipped_copy,
+            env=clean_env(REPORTER_SMTP_URL=inbox.url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # The minutely sample report is due within a minute of start.
         messages = inbox.wait_for(1, timeout=100)

@@ -74,7 +74,11 @@ def test_dispatched_slot_reaches_each_inbox_once_with_pdf(
     start, end = current_minute_window()
 
     app = publisher(fresh_redis)
-    app.send_task("email_reports.schedule_hourly", kwargs={"scheduled_for": isoformat(start), "window_end": isoformat(end)}, queue="reporter.scheduled")
+    app.send_task(
+        "email_reports.schedule_hourly",
+        kwargs={"scheduled_for": isoformat(start), "window_end": isoformat(end)},
+        queue="reporter.scheduled",
+    )
 
     messages = inbox.wait_for(len(RECIPIENTS), timeout=90)
     assert len(messages) == len(RECIPIENTS), worker.output()[-3000:]

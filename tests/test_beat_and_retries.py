@@ -1,0 +1,167 @@
+"""Real beat and real retries: `celery beat` firing the dispatcher from the YAML crontab, the dispatcher
+called by hand with `celery call`, and SMTP replies that make a send retry or fail for good."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reporter.ledger import Ledger
+from tests.conftest import ROOT, Inbox, Project, Worker
+
+pytestmark = pytest.mark.integration
+
+DISPATCHED = re.compile(r"dispatched (\d+) slot\(s\) for \[(\S+), (\S+)\)")
+
+
+def wait_for_log(worker: Worker, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pattern.search(worker.output())
+        if found:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"no {pattern.pattern!r} in the worker log after {timeout}s:\n{worker.output()[-3000:]}")
+
+
+def parse_z(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.fixture
+def start_beat(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(tmp_path / "beat.log", "wb")  # closed just below, the child keeps its own descriptor
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "reporter.celery_app",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "-s",
+            str(tmp_path / "beat-schedule"),
+        ]
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_beat_fires_the_dispatcher_for_its_minute_from_the_yaml_crontab(
+    make_project: Callable[..., Project],
+    fresh_redis: str,
+    inbox: Inbox,
+    start_worker: Callable[..., Worker],
+    start_beat: Callable[..., object],
+) -> None:
+    project = make_project(cron="* * * * *", dispatch_cron="* * * * *", recipients=["ann@example.com"])
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env)
+    start_beat(env)
+    # First the start-up dispatch (T = now), then beat's own firing, which names the exact minute.
+    startup = wait_for_log(worker, DISPATCHED, 60)
+    assert parse_z(startup.group(3)).second == 0
+    fired = wait_for_log(worker, re.compile(DISPATCHED.pattern + r"(?s:.*?)" + DISPATCHED.pattern), 100)
+    start, end = parse_z(fired.group(5)), parse_z(fired.group(6))
+    assert start.second == 0 and end - start == timedelta(minutes=1), fired.group(0)
+    # The slot at the start of beat's window was enqueued by the start-up dispatch's window already:
+    # the ledger holds it once, and it is delivered once.
+    messages = inbox.wait_for(1, timeout=90)
+    assert messages, worker.output()[-3000:]
+    ledger = Ledger.from_url(project.db_url)
+    slots = [r.slot for r in ledger.rows(report="regional", until=datetime.now(UTC))]
+    assert len(slots) == len(set(slots)), "a slot was recorded twice"
+    ledger.dispose()
+
+
+def test_dispatcher_called_by_hand_covers_now_to_its_next_fire(
+    make_project: Callable[..., Project], fresh_redis: str, start_worker: Callable[..., Worker]
+) -> None:
+    project = make_project(cron="* * * * *", dispatch_cron="*/5 * * * *")
+    env = project.env(REPORTER_BROKER_URL=fresh_redis)
+    worker = start_worker(env)
+    before = datetime.now(UTC)
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "call", "email_reports.schedule_hourly"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    found = wait_for_log(worker, DISPATCHED, 60)
+    start, end = parse_z(found.group(2)), parse_z(found.group(3))
+    # Called by hand, T is now; the window ends at the dispatcher's own next fire (a multiple of 5 min).
+    assert before - timedelta(seconds=1) <= start <= datetime.now(UTC)
+    assert end.second == 0 and end.minute % 5 == 0 and timedelta(0) < end - start <= timedelta(minutes=5)
+    minute_marks = [end - timedelta(minutes=k) for k in range(1, 6) if end - timedelta(minutes=k) >= start]
+    assert int(found.group(1)) == len(minute_marks)
+    ledger = Ledger.from_url(project.db_url)
+    assert sorted({r.slot for r in ledger.rows(report="regional")}) == sorted(minute_marks)
+    ledger.dispose()
+
+
+def test_smtp_451_is_retried_and_then_delivered(
+    make_project: Callable[..., Project], fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
+) -> None:
+    project = make_project(cron="0 7 * * *", recipients=["ann@example.com"])
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env)
+    inbox.script.append("451 4.3.0 Try again later")
+    slot = "2026-01-05T07:00:00Z"
+    from celery import Celery
+
+    Celery("t", broker=fresh_redis, set_as_current=False).send_task(
+        "email_reports.send", args=("regional", slot), queue="reporter.scheduled"
+    )
+    messages = inbox.wait_for(1, timeout=60)
+    assert len(messages) == 1, worker.output()[-3000:]
+    assert "Retry in" in worker.output()
+    ledger = Ledger.from_url(project.db_url)
+    [row] = ledger.rows(report="regional")
+    assert (row.status, row.attempts) == ("sent", 2)
+    ledger.dispose()
+
+
+def test_smtp_550_fails_once_without_retry(
+    make_project: Callable[..., Project], fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
+) -> None:
+    project = make_project(cron="0 7 * * *", recipients=["ann@example.com"])
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env)
+    inbox.script.extend(["550 5.1.1 No such user"] * 3)
+    from celery import Celery
+
+    Celery("t", broker=fresh_redis, set_as_current=False).send_task(
+        "email_reports.send", args=("regional", "2026-01-05T07:00:00Z"), queue="reporter.scheduled"
+    )
+    wait_for_log(worker, re.compile(r"email_reports\.send\[[^\]]+\] succeeded"), 60)
+    ledger = Ledger.from_url(project.db_url)
+    [row] = ledger.rows(report="regional")
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.error and "550" in row.error
+    assert "Retry in" not in worker.output()
+    assert inbox.messages == [] and len(inbox.script) == 2, "exactly one attempt reached the server"
+    ledger.dispose()
