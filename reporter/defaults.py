@@ -62,3 +62,15 @@ VISIBILITY_MARGIN = 600
 
 SEND_WAIT = 120
 """Seconds `reporter send` waits for the workers to finish a send-now before giving up."""
+
+BEAT_LEADER_KEY = "reporter:beat:leader"
+"""Redis key of the beat leader lock: JSON {id, host, pid, since}, expiring unless renewed."""
+
+BEAT_TICK_KEY = "reporter:beat:tick"
+"""Redis key beat writes on every tick: JSON {id, at}; its age tells whether beat is alive."""
+
+BEAT_LOCK_TIMEOUT = 30
+"""Seconds a beat leader lock lives without renewal; a standby takes over after this."""
+
+METRICS_PORT = 9808
+"""Suggested port for workers' Prometheus metrics (REPORTER_METRICS_PORT)."""

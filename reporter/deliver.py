@@ -6,14 +6,15 @@ Celery task in tasks.py only adds retries and time limits around `send_slot`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parseaddr
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from reporter.config import Config, normalize_address
 from reporter.errors import DeliveryError, PermanentDeliveryError, RenderError, TransientDeliveryError
@@ -30,6 +31,59 @@ CLAIM_MARGIN = 30
 """Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What happened to one email: what observers (logs, metrics) are told."""
+
+    report: str
+    slot: datetime
+    recipient: str
+    status: str
+    """sent, failed (for good) or retry (handed back for another attempt)"""
+    seconds: float
+    message_id: str | None
+    size: int | None
+    error: str | None
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "report": self.report,
+            "slot": isoformat(self.slot),
+            "recipient": self.recipient,
+            "status": self.status,
+            "duration_ms": int(self.seconds * 1000),
+            "message_id": self.message_id,
+            "size": self.size,
+            "error": self.error,
+            "lag_s": round((datetime.now(UTC) - self.slot).total_seconds(), 3),
+        }
+
+
+class Observer(Protocol):
+    """Told of each render and each delivery (metrics, structured logs)."""
+
+    def rendered(self, report: str, slot: datetime, seconds: float, rows: int) -> None: ...
+
+    def delivered(self, delivery: Delivery) -> None: ...
+
+
+class LogObserver:
+    """One log line per delivery: key=value, or a JSON object with `as_json`."""
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.as_json = as_json
+
+    def rendered(self, report: str, slot: datetime, seconds: float, rows: int) -> None:
+        log.debug("rendered report=%s slot=%s rows=%d ms=%d", report, isoformat(slot), rows, seconds * 1000)
+
+    def delivered(self, delivery: Delivery) -> None:
+        fields = delivery.fields()
+        if self.as_json:
+            log.info("%s", json.dumps({"event": "delivery", **fields}, sort_keys=False))
+        else:
+            log.info("delivery %s", " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
+
+
 @dataclass
 class Runtime:
     """What a process needs to send: settings, config, ledger, renderer, rate limiter, transport."""
@@ -39,6 +93,15 @@ class Runtime:
     ledger: Ledger
     limiter: Limiter
     transport_factory: Callable[[], Transport] | None = None
+    observers: list[Observer] = field(default_factory=list)
+
+    def tell(self, event: str, *args: Any) -> None:
+        """Call every observer's EVENT; an observer's failure never stops a delivery."""
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # metrics and logs must never break sending
+                log.exception("observer %r failed on %s", observer, event)
 
     @cached_property
     def renderer(self) -> Renderer:
@@ -114,19 +177,21 @@ def send_slot(
     pending = list(claim.mine)
     in_flight: list[str] = []
     try:
+        render_started = time.monotonic()
         try:
             rendered = rt.renderer.render(name, slot)
             result.rendered = True
         except RenderError as exc:
             rt.ledger.mark_failed(claim.token, name, slot, pending, str(exc))
-            result.failed.update(dict.fromkeys(pending, str(exc)))
+            record(rt, result, pending, "failed", str(exc))
             pending = []
             return result
         except TransientDeliveryError as exc:
             rt.ledger.release(claim.token, name, slot, pending, str(exc))
-            result.retry.update(dict.fromkeys(pending, str(exc)))
+            record(rt, result, pending, "retry", str(exc))
             pending = []
             return result
+        rt.tell("rendered", name, slot, time.monotonic() - render_started, rendered.row_count)
 
         sender = rt.config.sender_of(report)
         with_html = "html" in report.formats
@@ -152,40 +217,31 @@ def send_slot(
                     in_flight = []
                     rest = [r for g in groups[groups.index(group) :] for r in g]
                     rt.ledger.release(claim.token, name, slot, rest, str(exc))
-                    result.retry.update(dict.fromkeys(rest, str(exc)))
+                    record(rt, result, rest, "retry", str(exc), time.monotonic() - started, msg_id)
                     pending = []
                     break
                 except PermanentDeliveryError as exc:
                     in_flight = []
                     rt.ledger.mark_failed(claim.token, name, slot, group, str(exc))
-                    result.failed.update(dict.fromkeys(group, str(exc)))
+                    record(rt, result, group, "failed", str(exc), time.monotonic() - started, msg_id)
                     pending = [r for r in pending if r not in group]
                     continue
                 in_flight = []
-                duration = int((time.monotonic() - started) * 1000)
+                seconds = time.monotonic() - started
                 size = len(msg.as_bytes())
                 for recipient in group:
                     refused = outcome.refused.get(recipient)
                     if refused is None:
-                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, duration, size)
-                        result.sent[recipient] = msg_id
-                    elif 400 <= refused[0] < 500:
-                        error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
+                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, int(seconds * 1000), size)
+                        record(rt, result, [recipient], "sent", None, seconds, msg_id, size)
+                        continue
+                    error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
+                    if 400 <= refused[0] < 500:
                         rt.ledger.release(claim.token, name, slot, [recipient], error)
-                        result.retry[recipient] = error
+                        record(rt, result, [recipient], "retry", error, seconds, msg_id)
                     else:
-                        error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
                         rt.ledger.mark_failed(claim.token, name, slot, [recipient], error)
-                        result.failed[recipient] = error
-                    log.info(
-                        "delivery report=%s slot=%s recipient=%s status=%s ms=%d message_id=%s",
-                        name,
-                        isoformat(slot),
-                        recipient,
-                        "sent" if refused is None else "refused",
-                        duration,
-                        msg_id,
-                    )
+                        record(rt, result, [recipient], "failed", error, seconds, msg_id)
                 pending = [r for r in pending if r not in group]
         finally:
             mailer.close()
@@ -199,14 +255,35 @@ def send_slot(
     return result
 
 
+def record(
+    rt: Runtime,
+    result: SendResult,
+    recipients: Sequence[str],
+    status: str,
+    error: str | None,
+    seconds: float = 0.0,
+    msg_id: str | None = None,
+    size: int | None = None,
+) -> None:
+    """Note RECIPIENTS' outcome in the result and tell the observers."""
+    for recipient in recipients:
+        if status == "sent":
+            result.sent[recipient] = msg_id or ""
+        elif status == "failed":
+            result.failed[recipient] = error or ""
+        else:
+            result.retry[recipient] = error or ""
+        rt.tell("delivered", Delivery(result.report, result.slot, recipient, status, seconds, msg_id, size, error))
+
+
 def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
     """Retries are used up: record the released recipients as failed."""
     for recipient, error in list(result.retry.items()):
         claim = rt.ledger.claim(result.report, result.slot, [recipient], rt.stale_after)
+        del result.retry[recipient]
         if claim.mine:
             rt.ledger.mark_failed(claim.token, result.report, result.slot, claim.mine, f"{error} ({why})")
-            result.failed[recipient] = error
-        del result.retry[recipient]
+            record(rt, result, [recipient], "failed", f"{error} ({why})")
 
 
 def describe_error(exc: BaseException) -> str:

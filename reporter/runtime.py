@@ -9,7 +9,7 @@ import os
 
 from reporter import config as config_mod
 from reporter import ratelimit
-from reporter.deliver import Runtime
+from reporter.deliver import LogObserver, Runtime
 from reporter.ledger import Ledger
 from reporter.settings import Settings
 
@@ -24,6 +24,7 @@ def build(settings: Settings) -> Runtime:
         config=config,
         ledger=Ledger.from_url(settings.database_url),
         limiter=ratelimit.for_broker(settings.broker_url),
+        observers=[LogObserver(as_json=settings.log_json)],
     )
 
 

@@ -33,6 +33,10 @@ class Settings:
     outbox: Path
     var_dir: Path
     environ: Mapping[str, str]
+    log_json: bool = False
+    """REPORTER_LOG_FORMAT=json: one JSON object per delivery log line."""
+    metrics_port: int | None = None
+    """REPORTER_METRICS_PORT: where workers serve Prometheus metrics (unset: no endpoint)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +61,8 @@ class Settings:
             outbox=Path(_env(env, "REPORTER_OUTBOX") or defaults.OUTBOX),
             var_dir=var_dir,
             environ=env,
+            log_json=(_env(env, "REPORTER_LOG_FORMAT") or "text").lower() == "json",
+            metrics_port=int(port) if (port := _env(env, "REPORTER_METRICS_PORT")) and port.isdigit() else None,
         )
 
 
