@@ -15,7 +15,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import exc as sa_exc
 
 from reporter.config import Config, Datasource, Report
-from reporter.errors import DataError, TransientDeliveryError
+from reporter.errors import INTERRUPTS, DataError, TransientDeliveryError
 from reporter.settings import mask_url
 
 
@@ -114,6 +114,8 @@ class Datasources:
         assert report.query is not None
         try:
             params = render_params(report.query.params, {"slot": slot, "report": meta})
+        except INTERRUPTS:
+            raise
         except Exception as exc:  # noqa: BLE001 - any template error in a parameter is the config's fault
             raise DataError(f"report {report_name!r}: query parameter: {exc}") from None
         try:
@@ -140,6 +142,8 @@ class Datasources:
             raise DataError(f"report {report_name!r}: cannot import {report.function!r}: {exc}") from None
         try:
             value = func(slot=slot, report=report_name)
+        except INTERRUPTS:
+            raise
         except Exception as exc:  # noqa: BLE001 - user code; report it, don't crash the worker
             raise DataError(f"report {report_name!r}: {report.function} raised {type(exc).__name__}: {exc}") from None
         return Table.from_any(value)

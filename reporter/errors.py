@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from billiard.exceptions import SoftTimeLimitExceeded
+
+INTERRUPTS: tuple[type[BaseException], ...] = (SoftTimeLimitExceeded,)
+"""Raised into running code to stop it (Celery's soft time limit): never report these as user errors."""
+
 
 class ReporterError(Exception):
     """Root of every error reporter raises on purpose."""

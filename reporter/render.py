@@ -22,7 +22,7 @@ from weasyprint.urls import URLFetcher
 
 from reporter.config import Config
 from reporter.data import Datasources, Table
-from reporter.errors import Problem, RenderError
+from reporter.errors import INTERRUPTS, Problem, RenderError
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class Renderer:
             page_css = weasyprint.CSS(filename=str(BUILTIN_TEMPLATES / "page.css"), url_fetcher=fetcher)
             document = weasyprint.HTML(string=html, base_url=str(self.config.templates_dir.resolve()) + "/", url_fetcher=fetcher)
             pdf: bytes | None = document.write_pdf(stylesheets=[page_css])
+        except INTERRUPTS:
+            raise
         except Exception as exc:  # noqa: BLE001 - WeasyPrint raises many kinds; all mean "no PDF"
             raise RenderError(f"PDF rendering failed: {type(exc).__name__}: {exc}") from None
         assert pdf is not None
