@@ -9,20 +9,24 @@ before its first tick) is caught up.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from celery import beat, schedules
+from redis.exceptions import RedisError
 
 from reporter import defaults
 from reporter.config import Config
+from reporter.lock import RedisLock
 from reporter.schedule import isoformat, latest_fire, next_fire
 
 log = logging.getLogger(__name__)
 
 DISPATCH_TASK = "email_reports.schedule_hourly"
+SWEEP_TASK = "email_reports.sweep"
 
 
 def _aware(value: datetime) -> datetime:
@@ -75,6 +79,17 @@ def entries(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
+def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
+    """Entries every deployment needs whether or not the YAML names them."""
+    return {
+        SWEEP_TASK: {
+            "task": SWEEP_TASK,
+            "schedule": CronSchedule("* * * * *", ZoneInfo("UTC")),
+            "options": {"queue": defaults.QUEUE_SCHEDULED, "expires": 55},
+        }
+    }
+
+
 def dispatcher_cron(config: Config) -> tuple[str, tzinfo] | None:
     """The cron (and zone) of the first beat entry that runs the dispatcher."""
     for entry in config.beat.values():
@@ -84,24 +99,85 @@ def dispatcher_cron(config: Config) -> tuple[str, tzinfo] | None:
 
 
 class Scheduler(beat.Scheduler):
-    """Celery's in-memory scheduler plus the YAML entries; the ledger keeps what must persist."""
+    """Celery's in-memory scheduler plus the YAML entries, led by one beat at a time.
 
-    _started = False
+    A beat sends nothing until it holds the leader lock in Redis; it renews the lock on every tick
+    and writes a heartbeat. A second beat waits as a standby and takes over once the leader's lease
+    runs out (it died, even by SIGKILL), starting with a dispatch that catches up what was missed.
+    """
+
+    _lock: RedisLock | None = None
+    _leading = False
+    _standby_logged = False
 
     def setup_schedule(self) -> None:
         from reporter.runtime import runtime
 
         super().setup_schedule()
-        self.merge_inplace(entries(runtime().config))
+        config = runtime().config
+        self.merge_inplace({**builtin_entries(config), **entries(config)})
         for name, entry in self.schedule.items():
             log.info("beat entry %s: %s %r", name, entry.task, entry.schedule)
+        self.lock_timeout = config.defaults.beat_lock_timeout
+        # Renew well within the lease, and tick often enough to notice a lost lock quickly.
+        self.max_interval: float = min(float(self.max_interval), self.lock_timeout / 3)
+        broker = str(self.app.conf.broker_url or "")
+        if broker.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+            import redis
+
+            client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"), socket_timeout=5, socket_connect_timeout=5)
+            self._lock = RedisLock(client, defaults.BEAT_LEADER_KEY, self.lock_timeout)
+        else:
+            log.warning("broker is not Redis: no leader lock, so run exactly one beat yourself")
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
-        if not self._started:
-            self._started = True
-            log.info("beat started: dispatching once now to catch up on missed slots")
-            self.app.send_task(DISPATCH_TASK, kwargs={}, queue=defaults.QUEUE_SCHEDULED)
-        return float(super().tick(*args, **kwargs))
+        if not self._lead():
+            return float(min(self.max_interval, self.lock_timeout / 3))
+        return float(min(float(super().tick(*args, **kwargs)), self.max_interval))
+
+    def _lead(self) -> bool:
+        """Keep or take the leadership; True if this beat may send now."""
+        if self._lock is None:
+            if not self._leading:
+                self._become_leader()
+            return True
+        try:
+            if self._leading and not self._lock.renew():
+                log.error("beat lost the leader lock (another beat holds it now); standing by")
+                self._leading = False
+            if not self._leading:
+                if not self._lock.acquire():
+                    if not self._standby_logged:
+                        log.info("beat standing by: %s leads", (self._lock.holder() or {}).get("id", "another beat"))
+                        self._standby_logged = True
+                    return False
+                self._become_leader()
+            self._lock.client.set(defaults.BEAT_TICK_KEY, json.dumps({"id": self._lock.owner, "at": datetime.now(UTC).isoformat()}))
+            return True
+        except RedisError as exc:
+            # Without Redis we cannot know we still lead: send nothing until it answers again.
+            if self._leading:
+                log.error("beat cannot reach Redis to renew its lock (%s); pausing", exc)
+            self._leading = False
+            return False
+
+    def _become_leader(self) -> None:
+        self._leading, self._standby_logged = True, False
+        log.info("beat leads%s: dispatching once now to catch up on missed slots", f" as {self._lock.owner}" if self._lock else "")
+        now = self.app.now()
+        for entry in self.schedule.values():
+            entry.last_run_at = now  # the catch-up dispatch covers the time this beat was not leading
+        self._heap = None
+        self.app.send_task(DISPATCH_TASK, kwargs={}, queue=defaults.QUEUE_SCHEDULED)
+
+    def close(self) -> None:
+        if self._lock is not None and self._leading:
+            try:
+                self._lock.release()
+                log.info("beat released the leader lock")
+            except RedisError:
+                pass
+        super().close()
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
         if entry.task == DISPATCH_TASK and isinstance(entry.schedule, CronSchedule):

@@ -46,7 +46,7 @@ app.conf.update(
     task_send_sent_event=True,
     worker_send_task_events=True,
     beat_scheduler="reporter.beat:Scheduler",
-    beat_max_loop_interval=30,
+    beat_max_loop_interval=10,
     broker_transport_options={"visibility_timeout": defaults.DISPATCH_WINDOW + defaults.TIME_LIMIT + defaults.VISIBILITY_MARGIN},
 )
 
@@ -103,3 +103,22 @@ def _child_init(**_: Any) -> None:
     from reporter.runtime import reset
 
     reset()  # database engines and Redis connections must not be shared across the fork
+
+
+_metrics_endpoint: Any = None
+
+
+@signals.worker_init.connect
+def _start_metrics(**_: Any) -> None:
+    # worker_init runs in the main process before the pool forks, so every child inherits the folder.
+    global _metrics_endpoint
+    if settings.metrics_port is not None and _metrics_endpoint is None:
+        from reporter.metrics import Endpoint
+
+        _metrics_endpoint = Endpoint.start(settings.metrics_port)
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    if _metrics_endpoint is not None:
+        _metrics_endpoint.close()

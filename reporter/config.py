@@ -9,10 +9,11 @@ Loading happens in three passes so one mistake never hides another:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import zoneinfo
 from collections.abc import Mapping
-from email.utils import formataddr, parseaddr
+from email.utils import formataddr, getaddresses
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -23,15 +24,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from reporter import defaults as dflt
 from reporter.errors import ConfigError, Problem
 from reporter.schedule import cron_problem
+from reporter.settings import mask_url
 
 Path_ = tuple[str | int, ...]
 
-KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.send")
+KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.send", "email_reports.sweep")
 """Task names a beat entry may name."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
+LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_RE = re.compile(rf"^(?:\*\.)?{LABEL}(?:\.{LABEL})*$")
 
 
 # --------------------------------------------------------------------------- the model
@@ -77,6 +81,23 @@ def _valid_function(value: str) -> str:
     return value
 
 
+def _valid_host(value: str) -> str:
+    """A host name, '*.example.com' or an IP address -> lower case, ASCII (IDNA) form."""
+    text = value.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_address(text.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        pass
+    wildcard = text.startswith("*.")
+    try:
+        host = ("*." if wildcard else "") + (text[2:] if wildcard else text).encode("idna").decode("ascii")
+    except UnicodeError:
+        host = ""
+    if not HOST_RE.match(host):
+        raise ValueError(f"{value!r} is not a host name; write the host only, such as 'cdn.example.com' or '*.example.com' (no scheme, port or path)")
+    return host
+
+
 def _non_empty(value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
         raise ValueError("is empty; list at least one address")
@@ -87,6 +108,10 @@ Cron = Annotated[str, AfterValidator(_valid_cron)]
 Zone = Annotated[str, AfterValidator(_valid_zone)]
 Address = Annotated[str, AfterValidator(_valid_address)]
 Rate = Annotated[str, AfterValidator(_valid_rate)]
+Host = Annotated[str, AfterValidator(_valid_host)]
+Rows = Annotated[int, Field(gt=0)]
+Bytes = Annotated[int, Field(gt=0)]
+Seconds = Annotated[float, Field(gt=0)]
 
 
 class Defaults(_Model):
@@ -97,6 +122,13 @@ class Defaults(_Model):
     max_retries: Annotated[int, Field(ge=0)] = dflt.MAX_RETRIES
     catch_up_grace: Annotated[float, Field(ge=0)] = dflt.CATCH_UP_GRACE
     retention_days: Annotated[int, Field(gt=0)] = dflt.RETENTION_DAYS
+    max_rows: Rows = dflt.MAX_ROWS
+    """Rows shown in the HTML body, text part and PDF; the CSV has them all."""
+    max_attachment_bytes: Bytes = dflt.MAX_ATTACHMENT_BYTES
+    query_timeout: Seconds = dflt.QUERY_TIMEOUT
+    pdf_allowed_hosts: tuple[Host, ...] = ()
+    """http(s) hosts a PDF may load images and stylesheets from (public addresses only)."""
+    beat_lock_timeout: Annotated[float, Field(ge=5, le=600)] = dflt.BEAT_LOCK_TIMEOUT
 
 
 class Datasource(_Model):
@@ -139,6 +171,9 @@ class Report(_Model):
     sender: Address | None = None
     rate_limit: Rate | None = None
     max_retries: Annotated[int, Field(ge=0)] | None = None
+    max_rows: Rows | None = None
+    max_attachment_bytes: Bytes | None = None
+    query_timeout: Seconds | None = None
     description: str | None = None
 
     @field_validator("formats")
@@ -158,6 +193,7 @@ class Config(_Model):
 
     _source: Path = PrivateAttr(default=Path(dflt.CONFIG_PATH))
     _templates_dir: Path = PrivateAttr(default=Path(dflt.TEMPLATES_DIRNAME))
+    _lines: dict[Path_, int] = PrivateAttr(default_factory=dict)
 
     @property
     def source(self) -> Path:
@@ -168,6 +204,12 @@ class Config(_Model):
     def templates_dir(self) -> Path:
         """Where the reports' templates are looked up."""
         return self._templates_dir
+
+    def line_of(self, *loc: str | int) -> int | None:
+        """The line in the source file where the field at LOC (or its nearest parent) is written."""
+        while loc and loc not in self._lines:
+            loc = loc[:-1]
+        return self._lines.get(loc)
 
     def report(self, name: str) -> Report:
         """The report called NAME, or a ConfigError that lists the known names."""
@@ -191,6 +233,15 @@ class Config(_Model):
 
     def retries_of(self, report: Report) -> int:
         return self.defaults.max_retries if report.max_retries is None else report.max_retries
+
+    def max_rows_of(self, report: Report) -> int:
+        return report.max_rows or self.defaults.max_rows
+
+    def attachment_cap_of(self, report: Report) -> int:
+        return report.max_attachment_bytes or self.defaults.max_attachment_bytes
+
+    def query_timeout_of(self, report: Report) -> float:
+        return report.query_timeout or self.defaults.query_timeout
 
     def seed_path(self, source: Datasource) -> Path | None:
         return None if source.seed is None else self.source.parent / source.seed
@@ -251,6 +302,7 @@ def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path)
         raise ConfigError(_sorted(problems))
     config._source = Path(file)
     config._templates_dir = templates_dir
+    config._lines = lines
     return config
 
 
@@ -375,6 +427,9 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
 
     datasources = section("datasources")
     for name, source in datasources.items():
+        url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(url, str) and url.strip() and (why := _db_url_problem(url)):
+            bad(("datasources", name, "url"), why)
         seed = source.get("seed") if isinstance(source, dict) else None
         if isinstance(seed, str) and not (Path(file).parent / seed).is_file():
             bad(("datasources", name, "seed"), f"file {Path(file).parent / seed} not found")
@@ -404,6 +459,18 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
     return problems
 
 
+def _db_url_problem(url: str) -> str | None:
+    """Why URL is not an SQLAlchemy URL, shown with its password masked; None if it is one."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        return f"{mask_url(url)!r} is not an SQLAlchemy URL such as 'postgresql+psycopg://user@host/db' or 'sqlite:///data.db'"
+    return None
+
+
 def parse_rate(rate: str) -> float:
     """'1/s', '30/m', '100/h' -> emails per second."""
     match = RATE_RE.match(rate)
@@ -413,17 +480,25 @@ def parse_rate(rate: str) -> float:
 
 
 def normalize_address(address: str) -> str:
-    """'Name <a@b.c>' or 'a@b.c' -> the same, validated and normalised. ValueError if invalid."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+    """'Name <a@b.c>' or 'a@b.c' -> the same, validated and normalised. ValueError if invalid.
+
+    An internationalised domain comes back in its ASCII (IDNA) form, which every mail server and
+    header accepts; only a non-ASCII local part keeps Unicode (and needs a server with SMTPUTF8).
+    """
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in address):
         raise ValueError(f"address {address!r} contains control characters")
-    name, addr = parseaddr(address)
+    found = getaddresses([address])
+    if len([a for _, a in found if re.fullmatch(r"[^@\s]+@[^@\s]+", a)]) > 1:
+        raise ValueError(f"{address!r} holds several addresses; list each one on its own")
+    name, addr = found[0] if len(found) == 1 else ("", "")
     if not addr or "@" not in addr:
         raise ValueError(f"{address!r} is not an email address")
     try:
         valid = validate_email(addr, check_deliverability=False)
     except EmailNotValidError as exc:
         raise ValueError(f"{address!r} is not a valid email address: {exc}") from None
-    return formataddr((name, valid.normalized)) if name else valid.normalized
+    bare = valid.ascii_email or valid.normalized
+    return formataddr((name, bare)) if name else bare
 
 
 # --------------------------------------------------------------------------- messages

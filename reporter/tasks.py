@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 DISPATCH = "email_reports.schedule_hourly"
 SEND = "email_reports.send"
 PRUNE = "email_reports.prune_ledger"
+SWEEP = "email_reports.sweep"
+
+QUEUED_GRACE = timedelta(minutes=2)
+"""A row still queued this long after its slot, and untouched as long, has lost its task."""
 
 
 def backoff(
@@ -116,3 +120,20 @@ def prune_ledger(days: int | None = None) -> dict[str, Any]:
     keep = days or rt.config.defaults.retention_days
     deleted = rt.ledger.prune(datetime.now(UTC) - timedelta(days=keep))
     return {"deleted": deleted, "retention_days": keep}
+
+
+@app.task(name=SWEEP, acks_late=False)
+def sweep() -> dict[str, Any]:
+    """Re-enqueue deliveries whose task died with its worker or was lost with the broker.
+
+    A worker killed outright holds unacknowledged messages that Redis would only redeliver after its
+    visibility timeout (more than an hour); this finds their ledger rows within minutes instead.
+    """
+    rt = runtime()
+    now = datetime.now(UTC)
+    stuck = rt.ledger.stuck(stale_before=now - timedelta(seconds=rt.stale_after), queued_before=now - QUEUED_GRACE)
+    for (report, slot), recipients in stuck.items():
+        if report in rt.config.reports:
+            log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(recipients))
+            enqueue_send(rt, Due(report, slot), only=recipients)
+    return {"re_enqueued": len(stuck)}
