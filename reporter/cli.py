@@ -230,6 +230,9 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
         result = deliver.send_slot(rt, report, at, only=list(to) or None, trigger="manual")
         if result.retry:
             deliver.fail_for_good(rt, result, "send --sync does not retry; try again or send through the workers")
+        from reporter.notice import notify_owners
+
+        notify_owners(rt, result)
     else:
         _send_async(rt, report, at, list(to), wait)
     rows = {r.recipient: r for r in rt.ledger.rows(report=report, slot=at)}
@@ -311,18 +314,145 @@ def history(obj: Context, report: str | None, status: str | None, limit: int, up
     )
 
 
+def _broker(settings: Settings) -> str:
+    return settings.broker_url or "redis://127.0.0.1:6379/0"  # celery_app's default too
+
+
+def _verdict(check: Any) -> NoReturn:
+    click.echo(("ok: " if check.ok else "unhealthy: ") + check.reason, err=not check.ok)
+    sys.exit(EXIT_OK if check.ok else EXIT_INPUT)
+
+
+@cli.group()
+def health() -> None:
+    """Exit 0 if a role is healthy, 1 if not, with a one-line reason: for container health checks."""
+
+
+@health.command("worker")
+@click.option("--node", "-d", "nodes", multiple=True, help="worker node to ping, e.g. celery@host [default: every worker on this host]")
+@click.option("--timeout", type=click.FloatRange(0.1), default=2.0, show_default=True, help="seconds to wait for the answer")
+@click.pass_obj
+@handles_errors
+def health_worker(obj: Context, nodes: tuple[str, ...], timeout: float) -> None:
+    """Does this host's worker answer `celery inspect ping`?"""
+    from reporter.status import worker_health
+
+    _verdict(worker_health(_broker(obj.settings), list(nodes), timeout=timeout))
+
+
+@health.command("beat")
+@click.option("--max-age", type=click.FloatRange(1), default=60.0, show_default=True, help="seconds since beat's last tick")
+@click.pass_obj
+@handles_errors
+def health_beat(obj: Context, max_age: float) -> None:
+    """Has the leading beat ticked within --max-age seconds (its heartbeat in the broker)?"""
+    from reporter.status import beat_health
+
+    _verdict(beat_health(_broker(obj.settings), max_age))
+
+
+@health.command("flower")
+@click.option("--port", type=click.IntRange(1, 65535), help="Flower's port [env: FLOWER_PORT; default 5555]")
+@click.pass_obj
+@handles_errors
+def health_flower(obj: Context, port: int | None) -> None:
+    """Does Flower on this host answer its /healthcheck?"""
+    from reporter.status import FLOWER_PORT, flower_health
+
+    env_port = obj.settings.environ.get("FLOWER_PORT", "")
+    _verdict(flower_health(port or (int(env_port) if env_port.isdigit() else FLOWER_PORT)))
+
+
+@cli.command()
+@click.option("--failures", type=click.IntRange(0), default=5, show_default=True, help="how many of the latest failed deliveries to show")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of text")
+@click.pass_obj
+@handles_errors
+def status(obj: Context, failures: int, as_json: bool) -> None:
+    """Workers that answer, the beat that leads and its last tick, queue depths, the latest failures."""
+    import json
+
+    from reporter.status import collect, render
+
+    found = collect(_broker(obj.settings), obj.settings.database_url, failures=failures)
+    click.echo(json.dumps(found.as_dict(), default=str) if as_json else render(found))
+
+
 def _celery(args: list[str]) -> NoReturn:
     argv = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", *args]
     os.execv(sys.executable, argv)
 
 
+WORKER_MAX_TASKS_PER_CHILD = 200
+"""Tasks after which a worker process is replaced: hands back what WeasyPrint's and fontconfig's caches keep."""
+
+WORKER_MAX_MEMORY_PER_CHILD = 400_000
+"""KiB of resident memory after which a worker process is replaced once its task ends (a long PDF takes hundreds of MB)."""
+
+
+def concurrency_for(cpus: int, memory_bytes: int | None, per_child_kib: int) -> int:
+    """Worker processes: one per CPU less one for the rest of the machine, and no more than half the
+    memory holds at PER_CHILD_KIB each (a child may pass its limit during the task that replaces it)."""
+    by_cpu = cpus - 1
+    by_memory = memory_bytes // (2 * per_child_kib * 1024) if memory_bytes else by_cpu
+    return max(min(by_cpu, by_memory), 1)
+
+
+def _machine() -> tuple[int, int | None]:
+    """CPUs and bytes of memory this process may use, container (cgroup v2) limits included."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(-(-int(quota) // int(period)), 1))
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            memory = min(memory or int(limit), int(limit))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limits to honour
+    return cpus, memory
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--concurrency", "-c", type=int, help="worker processes [default: cores - 1, at least 1]")
+@click.option("--concurrency", "-c", type=click.IntRange(1), help="worker processes [default: CPUs - 1, one per 800 MB at most]")
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(1),
+    default=WORKER_MAX_TASKS_PER_CHILD,
+    show_default=True,
+    help="replace a process after this many tasks",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(1),
+    default=WORKER_MAX_MEMORY_PER_CHILD,
+    show_default=True,
+    help="KiB; replace a process above it once its task ends",
+)
 @click.pass_context
-def worker(ctx: click.Context, concurrency: int | None) -> None:
-    """A Celery worker on both queues (urgent first). Extra arguments go to `celery worker`."""
-    conc = concurrency or max((os.cpu_count() or 2) - 1, 1)
-    _celery(["worker", "-Q", f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}", "-c", str(conc), "--loglevel", "INFO", *ctx.args])
+def worker(ctx: click.Context, concurrency: int | None, max_tasks_per_child: int, max_memory_per_child: int) -> None:
+    """A Celery worker on both queues (urgent first). Extra arguments go to `celery worker`.
+
+    SIGTERM is a warm shutdown: the worker takes no more tasks, finishes the sends in progress and exits.
+    """
+    conc = concurrency or concurrency_for(*_machine(), max_memory_per_child)
+    _celery(
+        [
+            "worker",
+            "-Q",
+            f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}",
+            "-c",
+            str(conc),
+            "--max-tasks-per-child",
+            str(max_tasks_per_child),
+            "--max-memory-per-child",
+            str(max_memory_per_child),
+            "--loglevel",
+            "INFO",
+            *ctx.args,
+        ]
+    )
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

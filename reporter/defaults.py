@@ -45,6 +45,18 @@ CATCH_UP_GRACE = 3600
 RETENTION_DAYS = 90
 """Ledger rows older than this many days are deleted by email_reports.prune_ledger."""
 
+MAX_ROWS = 5000
+"""Rows shown in a report's HTML body, text part and PDF; the CSV attachment always has every row."""
+
+MAX_ATTACHMENT_BYTES = 10_000_000
+"""Bytes: a PDF or CSV larger than this is left out of the email, with a note saying so."""
+
+QUERY_TIMEOUT = 60
+"""Seconds a report's SQL query may run (PostgreSQL and SQLite) before it is stopped."""
+
+FETCH_MAX_BYTES = 10_000_000
+"""Bytes: the largest resource (image, stylesheet) a PDF may load from an allowed http(s) host."""
+
 SMTP_TIMEOUT = 30
 """Seconds for each SMTP network operation."""
 
@@ -74,3 +86,6 @@ BEAT_LOCK_TIMEOUT = 30
 
 METRICS_PORT = 9808
 """Suggested port for workers' Prometheus metrics (REPORTER_METRICS_PORT)."""
+
+NOTICE_COOLDOWN = 3600
+"""Seconds: a report's owners get at most one failure notice in this time."""

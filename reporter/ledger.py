@@ -79,6 +79,15 @@ marks = sa.Table(
 """How far the dispatcher has enqueued each report: where a catch-up after downtime starts."""
 
 
+notices = sa.Table(
+    "owner_notices",
+    metadata,
+    sa.Column("report", sa.String(200), primary_key=True),
+    sa.Column("last_at", UTCDateTime, nullable=False),
+)
+"""When each report's owners were last told of a failure: notices are throttled per report."""
+
+
 @dataclass(frozen=True)
 class Row:
     """A ledger row as read back."""
@@ -311,6 +320,36 @@ class Ledger:
             if rows:
                 conn.execute(deliveries.update().where(deliveries.c.id.in_([r.id for r in rows]) & lost).values(updated_at=now()))
         return out
+
+    def take_notice(self, report: str, cooldown: float) -> datetime | None:
+        """Atomically claim the right to notify REPORT's owners (at most once per COOLDOWN seconds).
+
+        Returns the previous notice time to restore with `give_back_notice` if sending fails, or
+        None if another notice went out within the cooldown."""
+        stamp = now()
+        with self.engine.begin() as conn:
+            previous = conn.execute(sa.select(notices.c.last_at).where(notices.c.report == report)).scalar()
+            if previous is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(notices.insert().values(report=report, last_at=stamp))
+                    return datetime.min.replace(tzinfo=UTC)
+                except IntegrityError:
+                    return None
+            taken = conn.execute(
+                notices.update()
+                .where(
+                    (notices.c.report == report)
+                    & (notices.c.last_at == previous)
+                    & (notices.c.last_at < stamp - timedelta(seconds=cooldown))
+                )
+                .values(last_at=stamp)
+            )
+            return previous if taken.rowcount else None
+
+    def give_back_notice(self, report: str, previous: datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(notices.update().where(notices.c.report == report).values(last_at=previous))
 
     def advance_mark(self, report: str, until: datetime) -> None:
         """Record that REPORT's slots before UNTIL have been dispatched (never moves backwards)."""

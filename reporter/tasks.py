@@ -15,6 +15,7 @@ from reporter.beat import dispatcher_cron
 from reporter.celery_app import app
 from reporter.deliver import Runtime, SendResult, fail_for_good, recipient_keys, send_slot
 from reporter.dispatch import Due, dispatch
+from reporter.notice import notify_owners
 from reporter.runtime import runtime
 from reporter.schedule import isoformat, next_fire, parse_instant
 
@@ -90,6 +91,7 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
         log.error("send %s %s: %s; no retries left", report, slot, error)
         stuck = SendResult(report, at, retry=dict.fromkeys(recipient_keys(only or rt.config.reports[report].recipients), error))
         fail_for_good(rt, stuck, f"after {self.request.retries} retries")
+        notify_owners(rt, stuck)
         return stuck.as_dict()
     if result.retry:
         try:
@@ -100,6 +102,7 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
             )
         except MaxRetriesExceededError:
             fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
+    notify_owners(rt, result)
     if result.busy and result.busy_until is not None:
         # Another execution holds these rows (a redelivered copy of this task, or a process that
         # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.

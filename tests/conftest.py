@@ -75,6 +75,9 @@ class Inbox:
     lock: threading.Lock = field(default_factory=threading.Lock)
     script: list[str] = field(default_factory=list)
     """Replies to DATA to give before accepting normally, e.g. ['451 try later']."""
+    refuse: dict[str, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
+    """Reply to DATA for any message to one of these recipients, always, e.g. {'x@y': '550 no'}."""
 
     @property
     def url(self) -> str:
@@ -82,6 +85,10 @@ class Inbox:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
+            for rcpt in envelope.rcpt_tos:
+                if rcpt in self.refuse:
+                    self.refused.append(rcpt)
+                    return self.refuse[rcpt]
             if self.script:
                 return self.script.pop(0)
             msg = email.message_from_bytes(envelope.content, policy=email.policy.default)

@@ -145,23 +145,30 @@ def test_smtp_451_is_retried_and_then_delivered(
     ledger.dispose()
 
 
-def test_smtp_550_fails_once_without_retry(
+def test_smtp_550_fails_once_without_retry_and_owners_are_told_once(
     make_project: Callable[..., Project], fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
 ) -> None:
-    project = make_project(cron="0 7 * * *", recipients=["ann@example.com"])
+    project = make_project(cron="0 7 * * *", recipients=["ann@example.com", "ben@example.com"])
     env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
     worker = start_worker(env)
-    inbox.script.extend(["550 5.1.1 No such user"] * 3)
+    # Both recipients refused for two slots: four failures in all, and still one notice.
+    inbox.refuse.update(dict.fromkeys(["ann@example.com", "ben@example.com"], "550 5.1.1 No such user"))
     from celery import Celery
 
-    Celery("t", broker=fresh_redis, set_as_current=False).send_task(
-        "email_reports.send", args=("regional", "2026-01-05T07:00:00Z"), queue="reporter.scheduled"
-    )
-    wait_for_log(worker, re.compile(r"email_reports\.send\[[^\]]+\] succeeded"), 60)
+    app = Celery("t", broker=fresh_redis, set_as_current=False)
+    for slot in ("2026-01-05T07:00:00Z", "2026-01-06T07:00:00Z"):
+        app.send_task("email_reports.send", args=("regional", slot), queue="reporter.scheduled")
+    wait_until_count = re.compile(r"(?s)email_reports\.send\[[^\]]+\] succeeded.*email_reports\.send\[[^\]]+\] succeeded")
+    wait_for_log(worker, wait_until_count, 60)
     ledger = Ledger.from_url(project.db_url)
-    [row] = ledger.rows(report="regional")
-    assert (row.status, row.attempts) == ("failed", 1)
-    assert row.error and "550" in row.error
+    rows = ledger.rows(report="regional")
+    assert len(rows) == 4
+    assert all((r.status, r.attempts) == ("failed", 1) and r.error and "550" in r.error for r in rows), rows
     assert "Retry in" not in worker.output()
-    assert inbox.messages == [] and len(inbox.script) == 2, "exactly one attempt reached the server"
+    assert sorted(inbox.refused) == ["ann@example.com"] * 2 + ["ben@example.com"] * 2, "one attempt per recipient and slot"
+    # The owners' notice is the only message accepted, and it came once.
+    assert [rcpts for _, rcpts in inbox.envelopes] == [["owner@example.com"]]
+    notice = inbox.messages[0]
+    assert re.match(r"\[reporter\] regional: 2 delivery\(ies\) failed for 2026-01-0[56]T07:00:00Z", notice["Subject"]), notice["Subject"]
+    assert "ann@example.com: SMTP 550" in notice.get_content()
     ledger.dispose()
