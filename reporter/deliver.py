@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any, Protocol
 
 from reporter.config import Config, normalize_address
-from reporter.errors import DeliveryError, PermanentDeliveryError, RenderError, TransientDeliveryError
+from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
 from reporter.mail import Transport, addresses, build, message_id, transport
 from reporter.ratelimit import Limiter
@@ -206,11 +206,12 @@ def send_slot(
                 msg_id = message_id(name, slot, ",".join(sorted(group)) if report.group else group[0], sender)
                 msg = build(rendered, sender, [targets[r] for r in group], cc, msg_id, with_html)
                 envelope = [*group, *addresses(cc), *bcc]
-                rt.limiter.acquire(bucket, rate)
                 rt.ledger.mark_sending(claim.token, name, slot, group, msg_id)
                 in_flight = group
                 started = time.monotonic()
                 try:
+                    # Reserve the send time last, so sends reach the server spaced as the limit says.
+                    rt.limiter.acquire(bucket, rate)
                     outcome = mailer.send(msg, parseaddr(sender)[1], envelope)
                 except TransientDeliveryError as exc:
                     # The server or the network is in trouble: give back this group and the rest.
@@ -284,7 +285,3 @@ def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
         if claim.mine:
             rt.ledger.mark_failed(claim.token, result.report, result.slot, claim.mine, f"{error} ({why})")
             record(rt, result, [recipient], "failed", f"{error} ({why})")
-
-
-def describe_error(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"

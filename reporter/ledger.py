@@ -304,19 +304,19 @@ class Ledger:
             )
             return result.rowcount or 0
 
-    def stuck(self, stale_before: datetime, queued_before: datetime) -> dict[tuple[str, datetime], list[str]]:
+    def stuck(self, stale_before: datetime, queued_before: datetime) -> dict[tuple[str, datetime], dict[str, int]]:
         """Rows that need a new task: claims older than STALE_BEFORE (their holder died), and rows
         still queued for a slot before QUEUED_BEFORE that nobody touched since (their task was lost).
-        Returns the recipients of each (report, slot), and stamps the queued ones so that a backlog
-        is not re-enqueued on every sweep."""
+        Returns each (report, slot)'s recipients with their attempts so far, and stamps the queued ones
+        so that a backlog is not re-enqueued on every sweep."""
         dead = deliveries.c.status.in_(IN_FLIGHT) & (deliveries.c.claimed_at < stale_before)
         lost = (deliveries.c.status == QUEUED) & (deliveries.c.slot < queued_before) & (deliveries.c.updated_at < queued_before)
-        out: dict[tuple[str, datetime], list[str]] = {}
+        out: dict[tuple[str, datetime], dict[str, int]] = {}
         with self.engine.begin() as conn:
-            query = sa.select(deliveries.c.id, deliveries.c.report, deliveries.c.slot, deliveries.c.recipient).where(dead | lost)
-            rows = conn.execute(query).all()
+            columns = (deliveries.c.id, deliveries.c.report, deliveries.c.slot, deliveries.c.recipient, deliveries.c.attempts)
+            rows = conn.execute(sa.select(*columns).where(dead | lost)).all()
             for row in rows:
-                out.setdefault((row.report, row.slot), []).append(row.recipient)
+                out.setdefault((row.report, row.slot), {})[row.recipient] = row.attempts
             if rows:
                 conn.execute(deliveries.update().where(deliveries.c.id.in_([r.id for r in rows]) & lost).values(updated_at=now()))
         return out

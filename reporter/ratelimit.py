@@ -10,6 +10,12 @@ import threading
 import time
 from typing import Any, Protocol
 
+from reporter.errors import TransientDeliveryError
+
+MARGIN = 1.02
+"""Sends are spaced this much wider than 1/rate, so jitter between reserving a send time and the
+server receiving the message cannot put one send too many into any one-second window."""
+
 
 class Limiter(Protocol):
     def acquire(self, bucket: str, rate: float) -> float:
@@ -28,7 +34,7 @@ class LocalLimiter:
         with self._lock:
             now = time.monotonic()
             at = max(now, self._next.get(bucket, 0.0))
-            self._next[bucket] = at + 1.0 / rate
+            self._next[bucket] = at + MARGIN / rate
         wait = at - now
         if wait > 0:
             time.sleep(wait)
@@ -62,7 +68,12 @@ class RedisLimiter:
         return cls(redis.Redis.from_url(url))
 
     def acquire(self, bucket: str, rate: float) -> float:
-        wait_us = int(self._script(keys=[self._prefix + bucket], args=[int(1_000_000 / rate)]))
+        from redis.exceptions import RedisError
+
+        try:
+            wait_us = int(self._script(keys=[self._prefix + bucket], args=[int(1_000_000 * MARGIN / rate)]))
+        except RedisError as exc:
+            raise TransientDeliveryError(f"rate limiter unavailable (Redis): {exc}") from None
         wait = wait_us / 1_000_000
         if wait > 0:
             time.sleep(wait)

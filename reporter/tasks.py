@@ -83,8 +83,8 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
     try:
         result = send_slot(rt, report, at, only=only, trigger=trigger, task_id=self.request.id)
     except SoftTimeLimitExceeded:
-        limit = self.request.timelimit[1] if self.request.timelimit else rt.config.defaults.soft_time_limit
-        error = f"soft time limit exceeded ({limit}s)"
+        limit = (self.request.timelimit or (None, None))[1] or self.soft_time_limit or app.conf.task_soft_time_limit
+        error = f"soft time limit exceeded ({limit:g}s)"
         if self.request.retries < rt.config.retries_of(rt.config.reports[report]):
             log.error("send %s %s: %s; released for a retry", report, slot, error)
             raise self.retry(countdown=backoff(self.request.retries)) from None
@@ -135,8 +135,24 @@ def sweep() -> dict[str, Any]:
     rt = runtime()
     now = datetime.now(UTC)
     stuck = rt.ledger.stuck(stale_before=now - timedelta(seconds=rt.stale_after), queued_before=now - QUEUED_GRACE)
-    for (report, slot), recipients in stuck.items():
-        if report in rt.config.reports:
-            log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(recipients))
-            enqueue_send(rt, Due(report, slot), only=recipients)
-    return {"re_enqueued": len(stuck)}
+    re_enqueued = gave_up = 0
+    for (report, slot), attempts in stuck.items():
+        if report not in rt.config.reports:
+            continue
+        # Each attempt that ended without a result (its process killed by the hard time limit or
+        # with its worker) counts; past the retries allowed, the delivery is failed, not retried forever.
+        limit = rt.config.retries_of(rt.config.reports[report]) + 1
+        spent = {r: n for r, n in attempts.items() if n >= limit}
+        if spent:
+            result = SendResult(
+                report, slot, retry=dict.fromkeys(spent, f"{max(spent.values())} attempts ended without a result (killed or timed out)")
+            )
+            fail_for_good(rt, result, "gave up")
+            notify_owners(rt, result)
+            gave_up += len(spent)
+        again = [r for r in attempts if r not in spent]
+        if again:
+            log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(again))
+            enqueue_send(rt, Due(report, slot), only=again)
+            re_enqueued += len(again)
+    return {"re_enqueued": re_enqueued, "gave_up": gave_up}
