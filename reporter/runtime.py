@@ -9,7 +9,7 @@ import os
 
 from reporter import config as config_mod
 from reporter import ratelimit
-from reporter.deliver import LogObserver, Runtime
+from reporter.deliver import LogObserver, Observer, Runtime
 from reporter.ledger import Ledger
 from reporter.settings import Settings
 
@@ -19,12 +19,17 @@ _cache: tuple[int, Runtime] | None = None
 def build(settings: Settings) -> Runtime:
     """A Runtime for SETTINGS; raises ConfigError if the config is invalid."""
     config = config_mod.load(settings.config_path, settings.environ, settings.templates_dir)
+    observers: list[Observer] = [LogObserver(as_json=settings.log_json)]
+    if settings.metrics_port is not None:
+        from reporter.metrics import PrometheusObserver
+
+        observers.append(PrometheusObserver())
     return Runtime(
         settings=settings,
         config=config,
         ledger=Ledger.from_url(settings.database_url),
         limiter=ratelimit.for_broker(settings.broker_url),
-        observers=[LogObserver(as_json=settings.log_json)],
+        observers=observers,
     )
 
 
