@@ -108,9 +108,9 @@ def _child_init(**_: Any) -> None:
 _metrics_endpoint: Any = None
 
 
-@signals.worker_init.connect
+@signals.celeryd_after_setup.connect
 def _start_metrics(**_: Any) -> None:
-    # worker_init runs in the main process before the pool forks, so every child inherits the folder.
+    # In the main process, after logging is set up and before the pool forks: every child inherits the folder.
     global _metrics_endpoint
     if settings.metrics_port is not None and _metrics_endpoint is None:
         from reporter.metrics import Endpoint
