@@ -13,18 +13,17 @@ import ipaddress
 import re
 import zoneinfo
 from collections.abc import Mapping
-from email.utils import formataddr, getaddresses
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from reporter import defaults as dflt
 from reporter.errors import ConfigError, Problem
 from reporter.schedule import cron_problem
-from reporter.settings import mask_url
 
 Path_ = tuple[str | int, ...]
 
@@ -45,10 +44,36 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7))
+
+
 def _valid_cron(value: str) -> str:
     if (why := cron_problem(value)) is not None:
-        raise ValueError(why)
+        raise ValueError(why + _cron_detail(value))
     return value
+
+
+def _cron_detail(value: str) -> str:
+    """'; hour 25 is out of range 0-23' for the first out-of-range number, so the user knows what to fix."""
+    fields = value.split()
+    if len(fields) != len(CRON_FIELDS):
+        return ""
+    for text, (name, low, high) in zip(fields, CRON_FIELDS, strict=True):
+        for number in re.findall(r"(?<![/\d])\d+", text):  # not step sizes such as the 15 in */15
+            if not low <= int(number) <= high:
+                return f"; {name} {number} is out of range {low}-{high}"
+    return ""
+
+
+def _byte_size(value: Any) -> Any:
+    """10000000, '10 MB', '500kB' or '2 MiB' -> bytes; anything else is left for the type check."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|KiB|MiB|GiB)?\s*", value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write bytes (10000000) or a size such as '10 MB' or '500 kB'")
+    unit = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[match.group(2) or "B"]
+    return int(float(match.group(1)) * unit)
 
 
 def _valid_zone(value: str) -> str:
@@ -60,8 +85,7 @@ def _valid_zone(value: str) -> str:
 
 
 def _valid_address(value: str) -> str:
-    normalize_address(value)
-    return value
+    return normalize_address(value)
 
 
 def _valid_rate(value: str) -> str:
@@ -94,7 +118,9 @@ def _valid_host(value: str) -> str:
     except UnicodeError:
         host = ""
     if not HOST_RE.match(host):
-        raise ValueError(f"{value!r} is not a host name; write the host only, such as 'cdn.example.com' or '*.example.com' (no scheme, port or path)")
+        raise ValueError(
+            f"{value!r} is not a host name; write the host only, such as 'cdn.example.com' or '*.example.com' (no scheme, port or path)"
+        )
     return host
 
 
@@ -110,7 +136,7 @@ Address = Annotated[str, AfterValidator(_valid_address)]
 Rate = Annotated[str, AfterValidator(_valid_rate)]
 Host = Annotated[str, AfterValidator(_valid_host)]
 Rows = Annotated[int, Field(gt=0)]
-Bytes = Annotated[int, Field(gt=0)]
+Bytes = Annotated[int, Field(gt=0), BeforeValidator(_byte_size)]
 Seconds = Annotated[float, Field(gt=0)]
 
 
@@ -322,6 +348,8 @@ def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         what = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.problem and exc.context_mark and exc.context_mark.line + 1 != line:
+            what = f"{exc.problem} ({exc.context} that starts on line {exc.context_mark.line + 1})"
         raise ConfigError([Problem(file, line, "", f"YAML syntax error: {what}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([Problem(file, None, "", f"YAML error: {exc}")]) from None
@@ -460,14 +488,14 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
 
 
 def _db_url_problem(url: str) -> str | None:
-    """Why URL is not an SQLAlchemy URL, shown with its password masked; None if it is one."""
+    """Why URL is not an SQLAlchemy URL; None if it is one. Never quotes the URL: it may hold a password."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         make_url(url)
     except (ArgumentError, ValueError):
-        return f"{mask_url(url)!r} is not an SQLAlchemy URL such as 'postgresql+psycopg://user@host/db' or 'sqlite:///data.db'"
+        return "is not an SQLAlchemy URL such as 'postgresql+psycopg://user:${DB_PASSWORD}@host/db' or 'sqlite:///data.db'"
     return None
 
 
@@ -498,7 +526,12 @@ def normalize_address(address: str) -> str:
     except EmailNotValidError as exc:
         raise ValueError(f"{address!r} is not a valid email address: {exc}") from None
     bare = valid.ascii_email or valid.normalized
-    return formataddr((name, bare)) if name else bare
+    if not name:
+        return bare
+    # As email.utils.formataddr quotes, but a non-ASCII name stays readable (the header policy encodes it).
+    if re.search(r'[][\\()<>@,:;".]', name):
+        name = '"' + re.sub(r'([\\"])', r"\\\1", name) + '"'
+    return f"{name} <{bare}>"
 
 
 # --------------------------------------------------------------------------- messages
@@ -554,6 +587,16 @@ def _message(err: Any, loc: Path_) -> str:
         return f"must be a list, not {_yaml_type(err['input'])}"
     if kind == "string_type":
         return f"must be a string, not {_yaml_type(err['input'])}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"must be true or false, not {err['input']!r}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be a whole number, not {err['input']!r}"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"must be a number, not {err['input']!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than", "less_than_equal": "at most"}
+        bound = next(iter(err["ctx"].values()))
+        return f"must be {words[kind]} {bound:g}, not {err['input']!r}"
     if kind == "value_error":
         return str(err["ctx"]["error"]) if "ctx" in err else str(err["msg"]).removeprefix("Value error, ")
     msg = str(err["msg"])

@@ -1,15 +1,22 @@
-"""A report's data: a SQL query through SQLAlchemy with bound parameters, or a Python function."""
+"""A report's data: a SQL query through SQLAlchemy with bound parameters, or a Python function.
+
+A query runs under the report's `query_timeout` where the database lets us stop it (PostgreSQL's
+statement_timeout, SQLite's progress handler). Errors never show a datasource's password.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import sqlalchemy as sa
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import exc as sa_exc
@@ -36,7 +43,11 @@ class Table:
             return value
         if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], Mapping):
             columns, rows = value
-            return cls(tuple(str(c) for c in columns), tuple(tuple(r) for r in rows))
+            table = cls(tuple(str(c) for c in columns), tuple(tuple(r) for r in rows))
+            for number, row in enumerate(table.rows, 1):
+                if len(row) != len(table.columns):
+                    raise DataError(f"row {number} has {len(row)} values for {len(table.columns)} columns")
+            return table
         if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
             items = list(value)
             if not items:
@@ -47,7 +58,7 @@ class Table:
         raise DataError(f"a data function must return a list of mappings or (columns, rows), not {type(value).__name__}")
 
 
-_params_env = SandboxedEnvironment()
+_params_env = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
 
 
 def render_params(params: Mapping[str, Any], context: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +92,7 @@ class Datasources:
                     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
                 engine = sa.create_engine(source.url, pool_pre_ping=True)
             except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
-                raise DataError(f"datasource {name!r} ({mask_url(source.url)}): {exc}") from None
+                raise DataError(f"datasource {name!r} ({mask_url(source.url)}): {_scrub(str(exc), source.url)}") from None
             self._seed(engine, name, source)
             self._engines[name] = engine
         return self._engines[name]
@@ -112,21 +123,37 @@ class Datasources:
 
     def _query(self, report_name: str, report: Report, slot: datetime, meta: Mapping[str, Any]) -> Table:
         assert report.query is not None
+        params: dict[str, Any] = {}
+        for key, value in report.query.params.items():
+            try:
+                params.update(render_params({key: value}, {"slot": slot, "report": meta}))
+            except INTERRUPTS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any template error in a parameter is the config's fault
+                line = self._config.line_of("reports", report_name, "query", "params", key)
+                where = f"{self._config.source}:{line}" if line else str(self._config.source)
+                message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                raise DataError(f"{where}: reports.{report_name}.query.params.{key}: {message}") from None
+        source = report.query.datasource
+        url = self._config.datasources[source].url
+        timeout = self._config.query_timeout_of(report)
         try:
-            params = render_params(report.query.params, {"slot": slot, "report": meta})
-        except INTERRUPTS:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any template error in a parameter is the config's fault
-            raise DataError(f"report {report_name!r}: query parameter: {exc}") from None
-        try:
-            with self.engine(report.query.datasource).connect() as conn:
-                result = conn.execute(sa.text(report.query.sql), params)
-                return Table(tuple(result.keys()), tuple(tuple(r) for r in result))
+            with self.engine(source).connect() as conn, _time_limit(conn, timeout) as timed_out:
+                try:
+                    result = conn.execute(sa.text(report.query.sql), params)
+                    return Table(tuple(result.keys()), tuple(tuple(r) for r in result))
+                except sa_exc.DBAPIError as exc:
+                    if timed_out(exc):
+                        raise DataError(
+                            f"report {report_name!r}: the query ran longer than query_timeout ({timeout:g} s) and was stopped; "
+                            "make it faster, or raise query_timeout for this report"
+                        ) from None
+                    raise
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
             # The warehouse being down or locked is worth another try later.
-            raise TransientDeliveryError(f"report {report_name!r}: datasource {report.query.datasource!r}: {_first_line(exc)}") from None
+            raise TransientDeliveryError(f"report {report_name!r}: datasource {source!r}: {_first_line(exc, url)}") from None
         except sa_exc.SQLAlchemyError as exc:
-            raise DataError(f"report {report_name!r}: query failed: {_first_line(exc)}") from None
+            raise DataError(f"report {report_name!r}: query failed: {_first_line(exc, url)}") from None
 
     def _function(self, report_name: str, report: Report, slot: datetime) -> Table:
         assert report.function is not None
@@ -154,6 +181,51 @@ class Datasources:
         self._engines.clear()
 
 
-def _first_line(exc: BaseException) -> str:
+@contextmanager
+def _time_limit(conn: sa.Connection, seconds: float) -> Iterator[Any]:
+    """Stop a query on CONN after SECONDS where the dialect allows; yields `timed_out(exc) -> bool`."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        # Local to this transaction, which ends when the connection goes back to the pool.
+        conn.execute(sa.text("SELECT set_config('statement_timeout', :ms, true)"), {"ms": str(max(1, int(seconds * 1000)))})
+        yield lambda exc: getattr(exc.orig, "sqlstate", None) == "57014" or getattr(exc.orig, "pgcode", None) == "57014"
+        return
+    if dialect == "sqlite":
+        driver: Any = conn.connection.driver_connection
+        deadline = time.monotonic() + seconds
+        stopped: list[bool] = []
+
+        def past_deadline() -> int:
+            if time.monotonic() > deadline:
+                stopped.append(True)
+                return 1  # non-zero makes SQLite interrupt the statement
+            return 0
+
+        driver.set_progress_handler(past_deadline, 10_000)
+        try:
+            yield lambda exc: bool(stopped)
+        finally:
+            driver.set_progress_handler(None, 0)
+        return
+    yield lambda exc: False
+
+
+def _first_line(exc: BaseException, url: str | None = None) -> str:
     orig = getattr(exc, "orig", None)
-    return str(orig or exc).strip().splitlines()[0] if str(orig or exc).strip() else type(exc).__name__
+    text = str(orig or exc).strip()
+    return _scrub(text.splitlines()[0], url) if text else type(exc).__name__
+
+
+def _scrub(text: str, url: str | None) -> str:
+    """TEXT with URL's password (as written and as decoded) replaced by '***': drivers may quote it."""
+    if not url:
+        return text
+    try:
+        password = sa.make_url(url).password
+    except (sa_exc.ArgumentError, ValueError):
+        password = None
+    raw = mask_url(url)
+    for secret in {str(password) if password else "", url.partition("://")[2].partition("@")[0].partition(":")[2]}:
+        if len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text.replace(url, raw)

@@ -1,7 +1,8 @@
 """Emails: build the MIME message and hand it to SMTP or to a local Maildir.
 
 Errors are sorted for the retry policy: TransientDeliveryError (4xx, connection trouble) is retried,
-PermanentDeliveryError (5xx) is not. Every recipient refused is reported on its own.
+PermanentDeliveryError (5xx) is not. Every recipient refused is reported on its own. No header can
+carry a line break or control character, and no error names the SMTP password.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from reporter import defaults
+from reporter.config import normalize_address
 from reporter.errors import ConfigError, PermanentDeliveryError, Problem, TransientDeliveryError
-from reporter.render import Rendered
+from reporter.render import Rendered, one_line
 from reporter.schedule import isoformat
 from reporter.settings import mask_url
 
@@ -36,13 +38,17 @@ def message_id(report: str, slot: datetime, recipient: str, sender: str) -> str:
 
 
 def build(rendered: Rendered, sender: str, to: list[str], cc: list[str], msg_id: str, with_html: bool) -> EmailMessage:
-    """multipart/mixed( multipart/alternative(text, html), attachments… )."""
+    """multipart/mixed( multipart/alternative(text, html), attachments… ).
+
+    Every address is validated again here (ValueError if one is not an address), so nothing but an
+    address reaches From, To or Cc whoever calls this.
+    """
     msg = EmailMessage(policy=SMTP_POLICY)
-    msg["Subject"] = " ".join(rendered.subject.split())  # no CR/LF can reach the header
-    msg["From"] = sender
-    msg["To"] = ", ".join(to)
+    msg["Subject"] = one_line(rendered.subject)  # no CR, LF or control character reaches the header
+    msg["From"] = normalize_address(sender)
+    msg["To"] = ", ".join(normalize_address(a) for a in to)
     if cc:
-        msg["Cc"] = ", ".join(cc)
+        msg["Cc"] = ", ".join(normalize_address(a) for a in cc)
     msg["Date"] = format_datetime(datetime.now().astimezone())
     msg["Message-ID"] = msg_id
     msg["X-Reporter-Report"] = rendered.report
@@ -106,7 +112,7 @@ class SmtpSettings:
     ssl: bool
     starttls: bool
     user: str | None
-    password: str | None
+    password: str | None = field(repr=False)
     timeout: float
 
     @classmethod
@@ -171,7 +177,7 @@ class SmtpTransport:
             conn.close()
             # The server's words only: never the password.
             raise PermanentDeliveryError(
-                f"SMTP login as {s.user!r} refused by {s.host}:{s.port}: {exc.smtp_code} {_text(exc.smtp_error)}"
+                self._scrub(f"SMTP login as {s.user!r} refused by {s.host}:{s.port}: {exc.smtp_code} {_text(exc.smtp_error)}")
             ) from None
         except BaseException:
             conn.close()
@@ -186,20 +192,28 @@ class SmtpTransport:
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in refused.items()})
         except smtplib.SMTPRecipientsRefused as exc:
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in exc.recipients.items()})
+        except smtplib.SMTPNotSupportedError as exc:
+            # An address with a non-ASCII local part needs SMTPUTF8; trying again will not add it.
+            raise PermanentDeliveryError(f"SMTP {self.settings.host}:{self.settings.port}: {exc}") from None
         except smtplib.SMTPResponseException as exc:
             self._drop()
-            text = f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} from {self.settings.host}:{self.settings.port}"
+            text = self._scrub(f"SMTP {exc.smtp_code} {_text(exc.smtp_error)} from {self.settings.host}:{self.settings.port}")
             if 400 <= exc.smtp_code < 500 or exc.smtp_code == -1:
                 raise TransientDeliveryError(text) from None
             raise PermanentDeliveryError(text) from None
         except (smtplib.SMTPServerDisconnected, smtplib.SMTPConnectError, ConnectionError, TimeoutError, OSError) as exc:
             self._drop()
             raise TransientDeliveryError(
-                f"SMTP {self.settings.host}:{self.settings.port} unreachable: {type(exc).__name__}: {exc}"
+                self._scrub(f"SMTP {self.settings.host}:{self.settings.port} unreachable: {type(exc).__name__}: {exc}")
             ) from None
         except smtplib.SMTPException as exc:
             self._drop()
-            raise TransientDeliveryError(f"SMTP error from {self.settings.host}:{self.settings.port}: {exc}") from None
+            raise TransientDeliveryError(self._scrub(f"SMTP error from {self.settings.host}:{self.settings.port}: {exc}")) from None
+
+    def _scrub(self, text: str) -> str:
+        """TEXT without the password, should a server or library ever quote it back."""
+        password = self.settings.password
+        return text.replace(password, "***") if password and len(password) >= 3 else text
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -1,28 +1,32 @@
 """Render a report slot once: subject, HTML and text bodies, PDF (WeasyPrint) and CSV.
 
 Templates run in Jinja2's sandbox with StrictUndefined: a typo in a name is an error that names the
-template and line, never an empty cell. HTML templates autoescape; subject and text do not.
+template, line and name, never an empty cell. HTML templates autoescape; subject and text do not.
+Limits keep a huge result from making a huge email: the body and PDF show the first `max_rows`
+rows, an attachment over `max_attachment_bytes` is left out, and the email says so in a note.
 """
 
 from __future__ import annotations
 
 import csv
+import html as html_lib
 import io
 import logging
+import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
-from weasyprint.urls import URLFetcher
 
-from reporter.config import Config
+from reporter.config import Config, Report
 from reporter.data import Datasources, Table
 from reporter.errors import INTERRUPTS, Problem, RenderError
+from reporter.fetch import ResourceFetcher
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ class Rendered:
     pdf: bytes | None
     csv: bytes | None
     row_count: int
+    notes: tuple[str, ...] = ()
+    """What the reader should know: rows left out of the body, attachments left out of the email."""
 
     def attachments(self) -> list[tuple[str, str, bytes]]:
         """(filename, mime type, content) of each attachment."""
@@ -79,18 +85,24 @@ class Renderer:
         for env in (self.html_env, self.text_env):
             env.filters["number"] = _number
             env.globals["text_table"] = text_table
+        self._shows_notes: dict[tuple[int, str], bool] = {}
 
-    def context(self, name: str, slot_utc: datetime, table: Table) -> dict[str, Any]:
-        """What every template sees."""
+    def context(
+        self, name: str, slot_utc: datetime, table: Table, shown: Table | None = None, notes: list[str] | None = None
+    ) -> dict[str, Any]:
+        """What every template sees: SHOWN is the part of TABLE the body may show (all of it by default)."""
         report = self.config.reports[name]
         slot = slot_utc.astimezone(self.config.zone(report))
+        shown = table if shown is None else shown
         return {
             "report": self.meta(name),
             "slot": slot,
             "slot_utc": slot_utc,
             "columns": list(table.columns),
-            "rows": table.dicts(),
+            "rows": shown.dicts(),
             "row_count": len(table.rows),
+            "rows_shown": len(shown.rows),
+            "notes": list(notes or ()),
             "generated_at": datetime.now(UTC).astimezone(slot.tzinfo),
         }
 
@@ -112,20 +124,71 @@ class Renderer:
         return self.render_table(name, slot_utc, table)
 
     def render_table(self, name: str, slot_utc: datetime, table: Table) -> Rendered:
+        """Render every part of report NAME from TABLE, within the report's row and size limits."""
         report = self.config.reports[name]
-        ctx = self.context(name, slot_utc, table)
-        subject = " ".join(self._render_string(self.text_env, report.subject, ctx, f"reports.{name}.subject").split())
+        max_rows, max_bytes = self.config.max_rows_of(report), self.config.attachment_cap_of(report)
+        notes: list[str] = []
+        data = self._csv(table) if "csv" in report.formats else None
+        if data is not None and len(data) > max_bytes:
+            notes.append(_too_big("CSV", len(data), max_bytes))
+            data = None
+        shown = table
+        if len(table.rows) > max_rows:
+            shown = Table(table.columns, table.rows[:max_rows])
+            all_in_csv = "; the attached CSV has all of them." if data is not None else "."
+            notes.insert(0, f"Showing the first {max_rows:,} of {len(table.rows):,} rows{all_in_csv}")
+        ctx = self.context(name, slot_utc, table, shown, notes)
+        subject = one_line(self._render_string(self.text_env, report.subject, ctx, name, "subject"))
+        html, text = self._bodies(report, ctx)
+        pdf = None
+        if "pdf" in report.formats:
+            pdf = self.pdf(html)
+            if len(pdf) > max_bytes:
+                notes.append(_too_big("PDF", len(pdf), max_bytes))
+                pdf = None
+                html, text = self._bodies(report, {**ctx, "notes": list(notes)})
+        return Rendered(name, slot_utc, subject, html, text, pdf, data, len(table.rows), tuple(notes))
+
+    def _bodies(self, report: Report, ctx: dict[str, Any]) -> tuple[str, str]:
+        """HTML and text bodies; the notes are added to any template that does not show them itself."""
+        text_template = report.text_template or "default.txt"
         html = self._render_file(self.html_env, report.template, ctx)
-        text = self._render_file(self.text_env, report.text_template or "default.txt", ctx)
-        pdf = self.pdf(html) if "pdf" in report.formats else None
-        data = to_csv(table) if "csv" in report.formats else None
-        return Rendered(name, slot_utc, subject, html, text, pdf, data, len(table.rows))
+        text = self._render_file(self.text_env, text_template, ctx)
+        notes = ctx["notes"]
+        if notes and not self._shows_notes_in(self.html_env, report.template):
+            html = _html_with_notes(html, notes)
+        if notes and not self._shows_notes_in(self.text_env, text_template):
+            text = "\n".join(notes) + "\n\n" + text
+        return html, text
+
+    def _csv(self, table: Table) -> bytes:
+        try:
+            return to_csv(table)
+        except INTERRUPTS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a data value whose str() fails must not crash a worker
+            raise RenderError(f"CSV: a value could not be written: {type(exc).__name__}: {exc}") from None
+
+    def _shows_notes_in(self, env: SandboxedEnvironment, template: str) -> bool:
+        """Whether TEMPLATE (or one it extends, includes or imports) uses the name `notes`."""
+        key = (id(env), template)
+        if key not in self._shows_notes:
+            self._shows_notes[key] = False  # guards against a template that includes itself
+            try:
+                source, _, _ = env.loader.get_source(env, template)  # type: ignore[union-attr]
+                ast = env.parse(source)
+            except jinja2.TemplateError:
+                return False
+            refs = [r for r in jinja2.meta.find_referenced_templates(ast) if r is not None]
+            used = "notes" in jinja2.meta.find_undeclared_variables(ast) or any(self._shows_notes_in(env, r) for r in refs)
+            self._shows_notes[key] = used
+        return self._shows_notes[key]
 
     def pdf(self, html: str) -> bytes:
-        """HTML -> PDF with 'Page N of M' footers. Only files under the templates folder are fetched."""
+        """HTML -> PDF with 'Page N of M' footers; ResourceFetcher decides what it may load."""
         import weasyprint  # heavy; imported on first PDF, not by `reporter validate`
 
-        fetcher = TemplatesOnlyFetcher(self.config.templates_dir)
+        fetcher = ResourceFetcher(self.config.templates_dir, self.config.defaults.pdf_allowed_hosts)
         try:
             page_css = weasyprint.CSS(filename=str(BUILTIN_TEMPLATES / "page.css"), url_fetcher=fetcher)
             document = weasyprint.HTML(string=html, base_url=str(self.config.templates_dir.resolve()) + "/", url_fetcher=fetcher)
@@ -140,20 +203,38 @@ class Renderer:
     def _render_file(self, env: SandboxedEnvironment, template: str, ctx: dict[str, Any]) -> str:
         try:
             return env.get_template(template).render(ctx)
+        except INTERRUPTS:
+            raise
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(f"template {exc.filename or template}:{exc.lineno}: {exc.message}") from None
+            raise RenderError(f"template {self._shown(exc.filename or template)}:{exc.lineno}: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderError(f"template {exc.name!r} not found in {self.config.templates_dir}") from None
-        except jinja2.UndefinedError as exc:
-            raise RenderError(f"template {template}:{_template_line(exc, template)}: {exc.message}") from None
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"template {template}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - anything a template does wrong is the template's error, not a crash
+            file, line = _template_frame(exc)
+            where = self._shown(file) if file else template
+            used_by = f" (used by {template})" if file and where != template else ""
+            raise RenderError(f"template {where}:{line}{used_by}: {_describe(exc)}") from None
 
-    def _render_string(self, env: SandboxedEnvironment, source: str, ctx: dict[str, Any], where: str) -> str:
+    def _render_string(self, env: SandboxedEnvironment, source: str, ctx: dict[str, Any], report: str, key: str) -> str:
+        """Render a template held in the config (the subject), naming its file, line and field on error."""
         try:
             return env.from_string(source).render(ctx)
-        except jinja2.TemplateError as exc:
-            raise RenderError(f"{where}: {getattr(exc, 'message', None) or exc}") from None
+        except INTERRUPTS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _render_file
+            line = self.config.line_of("reports", report, key)
+            where = f"{self.config.source}:{line}" if line else str(self.config.source)
+            raise RenderError(f"{where}: reports.{report}.{key}: {_describe(exc)}") from None
+
+    def _shown(self, filename: str) -> str:
+        """A template's file name as the user knows it: relative to the templates folder."""
+        path = Path(filename)
+        for root in (self.config.templates_dir, BUILTIN_TEMPLATES):
+            if path.is_relative_to(root):
+                return str(path.relative_to(root))
+            if path.is_absolute() and path.resolve().is_relative_to(root.resolve()):
+                return str(path.resolve().relative_to(root.resolve()))
+        return filename
 
     def problems(self) -> list[Problem]:
         """Template syntax errors in every report's subject and template files, found before any run."""
@@ -163,7 +244,8 @@ class Renderer:
             try:
                 self.text_env.parse(report.subject)
             except jinja2.TemplateSyntaxError as exc:
-                out.append(Problem(file, None, f"reports.{name}.subject", f"template syntax error: {exc.message}"))
+                line = self.config.line_of("reports", name, "subject")
+                out.append(Problem(file, line, f"reports.{name}.subject", f"template syntax error: {exc.message}"))
             for key, env, template in (
                 ("template", self.html_env, report.template),
                 ("text_template", self.text_env, report.text_template),
@@ -227,34 +309,46 @@ def _number(value: Any, digits: int = 0) -> str:
         return str(value)
 
 
-def _template_line(exc: BaseException, template: str) -> str:
+def one_line(text: str) -> str:
+    """TEXT as one header-safe line: control characters and line breaks become spaces, runs collapse."""
+    return " ".join("".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text).split())
+
+
+def _template_frame(exc: BaseException) -> tuple[str | None, int | str]:
+    """(template file, line) where EXC was raised: Jinja puts template frames in the traceback."""
+    found: tuple[str | None, int | str] = (None, "?")
     tb = exc.__traceback__
-    line = "?"
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(template):
-            line = str(tb.tb_lineno)
+        if "__jinja_exception__" in tb.tb_frame.f_globals:  # a frame Jinja made to point into the template
+            filename = tb.tb_frame.f_code.co_filename
+            found = (None if filename == "<template>" else filename, tb.tb_lineno)
         tb = tb.tb_next
-    return line
+    return found
 
 
-class TemplatesOnlyFetcher(URLFetcher):  # type: ignore[misc]
-    """WeasyPrint URL fetcher: data: URLs and files under ROOT only; anything else is refused.
+def _describe(exc: BaseException) -> str:
+    """A template error in words: Jinja's message, or the Python error a template expression raised."""
+    if isinstance(exc, jinja2.TemplateError):
+        return str(getattr(exc, "message", None) or exc)
+    return f"{type(exc).__name__}: {exc}"
 
-    A refused resource is logged and left out; the PDF still renders.
-    """
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(allowed_protocols={"file", "data"}, allow_redirects=False, fail_on_errors=False)
-        self.root = root.resolve()
+def _too_big(what: str, size: int, limit: int) -> str:
+    return (
+        f"The {what} attachment ({_megabytes(size)}) was left out: it is larger than the {_megabytes(limit)} limit (max_attachment_bytes)."
+    )
 
-    def fetch(self, url: str, headers: Any = None) -> Any:
-        scheme = url.split(":", 1)[0].lower()
-        if scheme == "file":
-            path = Path(unquote(urlsplit(url).path)).resolve()
-            if not path.is_relative_to(self.root):
-                log.warning("refused to fetch %s: outside the templates folder", url)
-                raise ValueError(f"refused: {url} is outside the templates folder")
-        elif scheme != "data":
-            log.warning("refused to fetch %s: only files under the templates folder and data: URLs", url)
-            raise ValueError(f"refused: {url}")
-        return super().fetch(url, headers)
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
+BODY_RE = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
+NOTES_STYLE = "margin:0 0 12px;padding:6px 10px;border:1px solid #d9b44a;background:#fff8e1;font:13px sans-serif"
+
+
+def _html_with_notes(html: str, notes: list[str]) -> str:
+    """HTML with NOTES in a box at the top of the body, for templates that do not show them."""
+    block = f'<div class="reporter-notes" style="{NOTES_STYLE}">' + "".join(f"<p>{html_lib.escape(n)}</p>" for n in notes) + "</div>"
+    match = BODY_RE.search(html)
+    return html[: match.end()] + block + html[match.end() :] if match else block + html

@@ -18,7 +18,8 @@ from pypdf import PdfReader
 
 from reporter.config import Config, load
 from reporter.errors import RenderError
-from reporter.render import Rendered, Renderer, TemplatesOnlyFetcher
+from reporter.fetch import ResourceFetcher
+from reporter.render import Rendered, Renderer
 from tests.conftest import Project
 
 # WeasyPrint warns at import when the system lacks libharfbuzz-subset (it falls back to fontTools);
@@ -321,7 +322,7 @@ def test_fetcher_refuses_anything_outside_the_templates_folder(tmp_path: Path) -
     (templates / "style.css").write_text("h1 { color: red }")
     (tmp_path / "secret.css").write_text("h1 { color: blue }")
     (templates / "link.css").symlink_to(tmp_path / "secret.css")
-    fetcher = TemplatesOnlyFetcher(templates)
+    fetcher = ResourceFetcher(templates)
 
     for url in (
         "file:///etc/passwd",
