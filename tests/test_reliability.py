@@ -1,0 +1,225 @@
+"""Exactly once under failure, with real processes killed for real.
+
+Each test runs a private Redis, `celery worker` (prefork) and `celery beat` subprocesses, and an aiosmtpd
+inbox that records when each message arrives. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from reporter import defaults
+from reporter.ledger import Ledger
+from reporter.runner import free_port, redis_server_binary, start_redis, stop
+from reporter.schedule import isoformat
+from tests.conftest import ROOT, Inbox, Project, Worker
+
+pytestmark = pytest.mark.integration
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class TimedInbox(Inbox):
+    """An inbox that notes when each message arrived, and can be slow to answer DATA."""
+
+    arrivals: list[float] = field(default_factory=list)
+    delay: float = 0.0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        reply = await super().handle_DATA(server, session, envelope)
+        if reply.startswith("250"):
+            with self.lock:
+                self.arrivals.append(time.monotonic())
+        return reply
+
+
+@pytest.fixture
+def timed_inbox() -> Iterator[TimedInbox]:
+    from aiosmtpd.controller import Controller
+
+    box = TimedInbox("127.0.0.1", free_port())
+    controller = Controller(box, hostname=box.host, port=box.port)
+    controller.start()
+    yield box
+    controller.stop()
+
+
+@pytest.fixture
+def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], name: str = "beat") -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            cmd = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "beat", "--loglevel", "INFO", "-s", str(tmp_path / f"{name}-sched")]
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll PREDICATE; return the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def delivered(inbox: Inbox) -> Counter[tuple[str, str]]:
+    """(slot, recipient) -> number of emails received."""
+    with inbox.lock:
+        return Counter((m["X-Reporter-Slot"], rcpt) for m, (_, rcpts) in zip(inbox.messages, inbox.envelopes, strict=True) for rcpt in rcpts)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def project_yaml(root: Path, reports: str, dispatch_cron: str = "1 * * * *", **defaults_: Any) -> str:
+    settings = {"rate_limit": "50/s", "soft_time_limit": 10, "time_limit": 15, "max_retries": 5, "beat_lock_timeout": 30} | defaults_
+    lines = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in settings.items())
+    return f"""\
+timezone: UTC
+defaults:
+  sender: "Reports <reports@example.com>"
+{lines}
+datasources:
+  warehouse:
+    url: "sqlite:///{root}/warehouse.db"
+    seed: orders.sql
+beat:
+  email_reports.schedule_hourly:
+    task: email_reports.schedule_hourly
+    cron: "{dispatch_cron}"
+reports:
+{reports}
+"""
+
+
+def dispatch_past_days(broker: str, days: int) -> tuple[datetime, datetime]:
+    """Run the dispatcher over the DAYS up to now: a daily report's past slots in it are due at once.
+
+    The window ends now, so the dispatch watermark is now too and beat's start-up catch-up finds
+    nothing missed."""
+    end = datetime.now(UTC).replace(microsecond=0)
+    start = end - timedelta(days=days)
+    app = Celery("test-publisher", broker=broker, set_as_current=False)
+    app.send_task("email_reports.schedule_hourly", kwargs={"scheduled_for": isoformat(start), "window_end": isoformat(end)}, queue="reporter.scheduled")
+    return start, end
+
+
+SLOW_DATA = '''
+import random, time
+
+def rows(slot, report):
+    time.sleep(random.uniform(0.2, 1.2))  # a warehouse query that takes a while
+    return [{"region": "Atlantis", "amount": 1234.5}, {"region": "Mu", "amount": slot.day}]
+'''
+
+
+# ----------------------------------------------------------------------------- crashes
+
+
+def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
+    make_project: Callable[..., Project], fresh_redis: str, timed_inbox: TimedInbox, start_worker: Callable[..., Worker], start_beat: Callable[..., Any]
+) -> None:
+    recipients = [f"r{i}@example.com" for i in range(4)]
+    days = 8  # 8 slots x 4 recipients = 32 deliveries
+    project = make_project(yaml_text="placeholder")
+    (project.root / "slow.py").write_text(SLOW_DATA)
+    report = f"""\
+  chaos:
+    schedule: "0 7 * * *"
+    subject: "Chaos {{{{ slot.strftime('%d') }}}}"
+    template: simple.html
+    function: slow:rows
+    formats: [html, pdf]
+    recipients: {json.dumps(recipients)}
+"""
+    project.config.write_text(project_yaml(project.root, report, rate_limit="20/s"))
+    timed_inbox.delay = 0.15  # a slow server widens the window in which a kill lands mid-send
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=timed_inbox.url)
+    workers = [start_worker(env, concurrency=2), start_worker(env, concurrency=2)]
+    start_beat(env)  # for the sweep that finds deliveries of a worker killed outright
+    started = time.monotonic()
+    dispatch_past_days(fresh_redis, days)
+    ledger = Ledger.from_url(project.db_url)
+    wait_until(lambda: len(ledger.rows(report="chaos")) == days * len(recipients), 60, "the dispatcher to record 32 rows")
+
+    rng = random.Random(20261121)
+    kills = {"child": 0, "worker": 0}
+    in_flight_at_kill: set[tuple[str, str]] = set()
+    while time.monotonic() - started < 40 and not all(r.status == "sent" for r in ledger.rows(report="chaos")):
+        time.sleep(rng.uniform(0.5, 1.5))
+        in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos", status="sending")}
+        victim = rng.choice([w for w in workers if w.proc.poll() is None])
+        if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
+            os.kill(rng.choice(kids), signal.SIGKILL)
+            kills["child"] += 1
+        else:
+            os.killpg(victim.proc.pid, signal.SIGKILL)
+            victim.proc.wait()
+            kills["worker"] += 1
+            workers = [w for w in workers if w is not victim] + [start_worker(env, concurrency=2)]
+    assert kills["child"] + kills["worker"] >= 3, kills
+
+    try:
+        wait_until(lambda: all(r.status == "sent" for r in ledger.rows(report="chaos")), 300 - (time.monotonic() - started), "every delivery")
+    except AssertionError:
+        stuck = [(isoformat(r.slot), r.recipient, r.status, r.attempts, r.error) for r in ledger.rows(report="chaos") if r.status != "sent"]
+        logs = "\n".join(w.output()[-2500:] for w in workers)
+        raise AssertionError(f"not sent after {time.monotonic() - started:.0f}s (kills: {kills}): {stuck}\n{logs}") from None
+    took = time.monotonic() - started
+    got = delivered(timed_inbox)
+    expected = {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos")}
+    missing = expected - set(got)
+    duplicates = {key: n for key, n in got.items() if n > 1}
+    after_data = {key: n for key, n in duplicates.items() if key in in_flight_at_kill}
+    print(f"\nchaos: {kills} kills, {len(expected)} deliveries in {took:.0f}s, "
+          f"{sum(n - 1 for n in after_data.values())} duplicate(s) from the SMTP after-data window")
+    assert took <= 300, "all deliveries within 5 minutes"
+    assert missing == set(), f"never delivered: {sorted(missing)}"
+    assert set(duplicates) == set(after_data), f"duplicates not explained by the after-data window: {duplicates}"
+    ledger.dispose()
