@@ -210,7 +210,9 @@ def send_slot(
                 in_flight = group
                 started = time.monotonic()
                 try:
-                    # Reserve the send time last, so sends reach the server spaced as the limit says.
+                    # Connect first and reserve the send time last, so sends reach the server spaced
+                    # as the limit says.
+                    mailer.connect()
                     rt.limiter.acquire(bucket, rate)
                     outcome = mailer.send(msg, parseaddr(sender)[1], envelope)
                 except TransientDeliveryError as exc:

@@ -78,6 +78,10 @@ class Outcome:
 class Transport(Protocol):
     """Somewhere to hand a message; open once per task, used for every recipient."""
 
+    def connect(self) -> None:
+        """Open the connection now, so its set-up does not fall between a rate-limit slot and the send."""
+        ...
+
     def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome: ...
 
     def close(self) -> None: ...
@@ -91,6 +95,9 @@ class MaildirTransport:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._box = mailbox.Maildir(str(path), create=True)
+
+    def connect(self) -> None:
+        pass
 
     def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome:
         del msg["X-Reporter-Envelope-To"]
@@ -183,6 +190,13 @@ class SmtpTransport:
             conn.close()
             raise
         return conn
+
+    def connect(self) -> None:
+        if self._conn is None:
+            try:
+                self._conn = self._connect()
+            except (smtplib.SMTPException, OSError):
+                pass  # send() tries again and sorts the failure into transient or permanent
 
     def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome:
         try:

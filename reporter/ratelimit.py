@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from reporter.errors import TransientDeliveryError
 
-MARGIN = 1.02
+MARGIN = 1.05
 """Sends are spaced this much wider than 1/rate, so jitter between reserving a send time and the
 server receiving the message cannot put one send too many into any one-second window."""
 

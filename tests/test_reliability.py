@@ -7,10 +7,10 @@ inbox that records when each message arrives. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -72,7 +72,18 @@ def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]
 
     def start(env: dict[str, str], name: str = "beat") -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "wb") as log:
-            cmd = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "beat", "--loglevel", "INFO", "-s", str(tmp_path / f"{name}-sched")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "reporter.celery_app",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(tmp_path / f"{name}-sched"),
+            ]
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         procs.append(proc)
         return proc
@@ -101,7 +112,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
 def delivered(inbox: Inbox) -> Counter[tuple[str, str]]:
     """(slot, recipient) -> number of emails received."""
     with inbox.lock:
-        return Counter((m["X-Reporter-Slot"], rcpt) for m, (_, rcpts) in zip(inbox.messages, inbox.envelopes, strict=True) for rcpt in rcpts)
+        return Counter(
+            (m["X-Reporter-Slot"], rcpt) for m, (_, rcpts) in zip(inbox.messages, inbox.envelopes, strict=True) for rcpt in rcpts
+        )
 
 
 def children(pid: int) -> list[int]:
@@ -146,24 +159,32 @@ def dispatch_past_days(broker: str, days: int) -> tuple[datetime, datetime]:
     end = datetime.now(UTC).replace(microsecond=0)
     start = end - timedelta(days=days)
     app = Celery("test-publisher", broker=broker, set_as_current=False)
-    app.send_task("email_reports.schedule_hourly", kwargs={"scheduled_for": isoformat(start), "window_end": isoformat(end)}, queue="reporter.scheduled")
+    app.send_task(
+        "email_reports.schedule_hourly",
+        kwargs={"scheduled_for": isoformat(start), "window_end": isoformat(end)},
+        queue="reporter.scheduled",
+    )
     return start, end
 
 
-SLOW_DATA = '''
+SLOW_DATA = """
 import random, time
 
 def rows(slot, report):
     time.sleep(random.uniform(0.2, 1.2))  # a warehouse query that takes a while
     return [{"region": "Atlantis", "amount": 1234.5}, {"region": "Mu", "amount": slot.day}]
-'''
+"""
 
 
 # ----------------------------------------------------------------------------- crashes
 
 
 def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
-    make_project: Callable[..., Project], fresh_redis: str, timed_inbox: TimedInbox, start_worker: Callable[..., Worker], start_beat: Callable[..., Any]
+    make_project: Callable[..., Project],
+    fresh_redis: str,
+    timed_inbox: TimedInbox,
+    start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Any],
 ) -> None:
     recipients = [f"r{i}@example.com" for i in range(4)]
     days = 8  # 8 slots x 4 recipients = 32 deliveries
@@ -206,7 +227,9 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     assert kills["child"] + kills["worker"] >= 3, kills
 
     try:
-        wait_until(lambda: all(r.status == "sent" for r in ledger.rows(report="chaos")), 300 - (time.monotonic() - started), "every delivery")
+        wait_until(
+            lambda: all(r.status == "sent" for r in ledger.rows(report="chaos")), 300 - (time.monotonic() - started), "every delivery"
+        )
     except AssertionError:
         stuck = [(isoformat(r.slot), r.recipient, r.status, r.attempts, r.error) for r in ledger.rows(report="chaos") if r.status != "sent"]
         logs = "\n".join(w.output()[-2500:] for w in workers)
@@ -217,9 +240,206 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     missing = expected - set(got)
     duplicates = {key: n for key, n in got.items() if n > 1}
     after_data = {key: n for key, n in duplicates.items() if key in in_flight_at_kill}
-    print(f"\nchaos: {kills} kills, {len(expected)} deliveries in {took:.0f}s, "
-          f"{sum(n - 1 for n in after_data.values())} duplicate(s) from the SMTP after-data window")
+    print(
+        f"\nchaos: {kills} kills, {len(expected)} deliveries in {took:.0f}s, "
+        f"{sum(n - 1 for n in after_data.values())} duplicate(s) from the SMTP after-data window"
+    )
     assert took <= 300, "all deliveries within 5 minutes"
     assert missing == set(), f"never delivered: {sorted(missing)}"
     assert set(duplicates) == set(after_data), f"duplicates not explained by the after-data window: {duplicates}"
+    ledger.dispose()
+
+
+# ----------------------------------------------------------------------------- two beats
+
+
+def leader_pid(broker: str) -> int | None:
+    client = redis.Redis.from_url(broker)
+    raw = client.get(defaults.BEAT_LEADER_KEY)
+    client.close()
+    return None if raw is None else int(json.loads(raw)["pid"])
+
+
+def test_two_beats_send_once_and_the_standby_takes_over_after_sigkill(
+    make_project: Callable[..., Project],
+    fresh_redis: str,
+    inbox: Inbox,
+    start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Any],
+) -> None:
+    lock_timeout = 10
+    project = make_project(yaml_text="placeholder")
+    report = """\
+  minutely:
+    schedule: "* * * * *"
+    subject: "Minutely {{ slot.strftime('%H:%M') }}"
+    template: simple.html
+    query: {datasource: warehouse, sql: "select region, amount from orders"}
+    recipients: [ann@example.com, ben@example.com]
+"""
+    project.config.write_text(project_yaml(project.root, report, dispatch_cron="* * * * *", beat_lock_timeout=lock_timeout))
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env, concurrency=2)
+    first = start_beat(env, "beat-a")
+    wait_until(lambda: leader_pid(fresh_redis) == first.pid, 30, "the first beat to lead")
+    second = start_beat(env, "beat-b")
+    # Two beats, two minutes: each slot reaches each recipient once.
+    wait_until(lambda: len({slot for slot, _ in delivered(inbox)}) >= 2, 150, "two slots delivered")
+    assert leader_pid(fresh_redis) == first.pid, "the standby must not take the lock from a live leader"
+
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = time.monotonic()
+    took_over = wait_until(lambda: leader_pid(fresh_redis) == second.pid, lock_timeout + 20, "the standby to take over")
+    print(f"\nstandby took over {took_over:.1f}s after SIGKILL (lease {lock_timeout}s)")
+    assert took_over <= lock_timeout + 10  # the lease, plus at most one standby tick (lease / 3)
+    slots_before = {slot for slot, _ in delivered(inbox)}
+    wait_until(lambda: len({slot for slot, _ in delivered(inbox)} - slots_before) >= 1, 120, "a slot delivered after the handover")
+    # Let in-flight slots settle, then check the whole run: no (slot, recipient) twice, no slot skipped.
+    time.sleep(2)
+    got = delivered(inbox)
+    assert max(got.values()) == 1, f"duplicates: {[k for k, n in got.items() if n > 1]}"
+    slots = sorted({datetime.fromisoformat(slot.replace("Z", "+00:00")) for slot, _ in got})
+    assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(slots)), f"a slot was lost: {slots}"
+    assert all(got[(isoformat(s), r)] == 1 for s in slots for r in ("ann@example.com", "ben@example.com"))
+    ledger = Ledger.from_url(project.db_url)
+    assert not [r for r in ledger.rows(report="minutely", until=datetime.now(UTC) - timedelta(seconds=30)) if r.status != "sent"]
+    ledger.dispose()
+    assert time.monotonic() - killed_at < 180
+    assert worker.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- broker restart
+
+
+def test_redis_restarted_mid_run_deliveries_resume_and_nothing_is_lost(
+    make_project: Callable[..., Project], inbox: Inbox, start_worker: Callable[..., Worker], start_beat: Callable[..., Any], tmp_path: Path
+) -> None:
+    redis_proc, url = start_redis(tmp_path)
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    try:
+        project = make_project(yaml_text="placeholder")
+        report = """\
+  minutely:
+    schedule: "* * * * *"
+    subject: "Minutely {{ slot.strftime('%H:%M') }}"
+    template: simple.html
+    query: {datasource: warehouse, sql: "select region, amount from orders"}
+    recipients: [ann@example.com]
+"""
+        project.config.write_text(project_yaml(project.root, report, dispatch_cron="* * * * *"))
+        env = project.env(REPORTER_BROKER_URL=url, REPORTER_SMTP_URL=inbox.url)
+        worker = start_worker(env, concurrency=2)
+        start_beat(env)
+        wait_until(lambda: len(delivered(inbox)) >= 1, 100, "a first delivery")
+
+        stop(redis_proc, "redis", timeout=5)  # everything Redis held is gone: it keeps nothing on disk
+        time.sleep(5)
+        with open(tmp_path / "redis2.log", "wb") as log:
+            redis_proc = subprocess.Popen(
+                [redis_server_binary(), "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        restarted = datetime.now(UTC)
+        # The next slots after the restart arrive, and every slot from the first to the last is there once.
+        wait_until(
+            lambda: any(datetime.fromisoformat(s.replace("Z", "+00:00")) > restarted + timedelta(minutes=1) for s, _ in delivered(inbox)),
+            200,
+            "deliveries after the restart",
+        )
+        ledger = Ledger.from_url(project.db_url)
+        wait_until(
+            lambda: all(r.status == "sent" for r in ledger.rows(report="minutely", until=restarted + timedelta(minutes=1))),
+            200,
+            "slots around the restart to be delivered (the sweep re-enqueues what Redis lost)",
+        )
+        got = delivered(inbox)
+        assert max(got.values()) == 1, got
+        slots = sorted(datetime.fromisoformat(s.replace("Z", "+00:00")) for s, _ in got)
+        assert all(b - a == timedelta(minutes=1) for a, b in itertools.pairwise(slots)), f"a slot was lost: {slots}"
+        assert worker.proc.poll() is None
+        ledger.dispose()
+    finally:
+        stop(redis_proc, "redis", timeout=5)
+
+
+# ----------------------------------------------------------------------------- rate limit
+
+
+def test_global_rate_limit_holds_across_workers_and_is_nearly_reached(
+    make_project: Callable[..., Project], fresh_redis: str, timed_inbox: TimedInbox, start_worker: Callable[..., Worker]
+) -> None:
+    rate = 5
+    recipients = [f"r{i}@example.com" for i in range(5)]
+    project = make_project(yaml_text="placeholder")
+    report = f"""\
+  burst:
+    schedule: "0 7 * * *"
+    subject: "Burst {{{{ slot.strftime('%d') }}}}"
+    template: simple.html
+    query: {{datasource: warehouse, sql: "select region, amount from orders"}}
+    recipients: {json.dumps(recipients)}
+"""
+    project.config.write_text(project_yaml(project.root, report, rate_limit=f"{rate}/s"))
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=timed_inbox.url)
+    start_worker(env, concurrency=2)
+    start_worker(env, concurrency=2)
+    dispatch_past_days(fresh_redis, 8)  # 8 slots x 5 recipients = a backlog of 40 emails, 4 processes
+    wait_until(lambda: len(timed_inbox.arrivals) >= 40, 120, "40 emails")
+    times = sorted(timed_inbox.arrivals)
+    busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    achieved = (len(times) - 1) / (times[-1] - times[0])
+    print(f"\nrate limit {rate}/s: busiest 1-second window {busiest}, achieved {achieved:.2f}/s ({achieved / rate:.0%})")
+    assert busiest <= rate
+    assert achieved >= 0.9 * rate
+
+
+# ----------------------------------------------------------------------------- time limits
+
+
+HANG_DATA = """
+import time
+
+def forever(slot, report):
+    time.sleep(600)  # a query that never returns
+    return []
+"""
+
+
+def test_a_hanging_render_is_stopped_by_the_soft_limit_and_others_keep_flowing(
+    make_project: Callable[..., Project], fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
+) -> None:
+    project = make_project(yaml_text="placeholder")
+    (project.root / "hang.py").write_text(HANG_DATA)
+    reports = """\
+  hangs:
+    schedule: "0 7 * * *"
+    subject: "Hangs"
+    template: simple.html
+    function: hang:forever
+    recipients: [ann@example.com]
+    max_retries: 0
+  fine:
+    schedule: "0 7 * * *"
+    subject: "Fine"
+    template: simple.html
+    query: {datasource: warehouse, sql: "select region, amount from orders"}
+    recipients: [ben@example.com]
+"""
+    project.config.write_text(project_yaml(project.root, reports, soft_time_limit=3, time_limit=6))
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env, concurrency=2)
+    app = Celery("t", broker=fresh_redis, set_as_current=False)
+    app.send_task("email_reports.send", args=("hangs", "2026-01-05T07:00:00Z"), queue="reporter.scheduled")
+    for day in (5, 6, 7):
+        app.send_task("email_reports.send", args=("fine", f"2026-01-0{day}T07:00:00Z"), queue="reporter.scheduled")
+    ledger = Ledger.from_url(project.db_url)
+    wait_until(lambda: [r.status for r in ledger.rows(report="hangs")] == ["failed"], 60, "the hanging report to be failed")
+    [row] = ledger.rows(report="hangs")
+    assert row.error and "soft time limit exceeded (3s)" in row.error, row.error
+    wait_until(lambda: len(inbox.messages) == 3, 60, "the other report's three slots")
+    assert "SoftTimeLimitExceeded" in worker.output() or "soft time limit" in worker.output()
+    assert [m["Subject"] for m in inbox.messages] == ["Fine"] * 3
     ledger.dispose()
