@@ -10,7 +10,7 @@ from celery import Celery, signals
 from kombu.entity import Exchange, Queue
 
 from reporter import defaults
-from reporter.errors import ConfigError
+from reporter.errors import ConfigError, Problem
 from reporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,49 @@ def configure_from(config: Any) -> None:
         from datetime import UTC, datetime
 
         window = int(max(period(found[0], found[1], datetime.now(UTC)).total_seconds(), 60))
-    app.conf.broker_transport_options = {"visibility_timeout": int(window + d.time_limit + defaults.VISIBILITY_MARGIN)}
+    needed = int(window + d.time_limit)
+    chosen = settings.visibility_timeout
+    if chosen is not None and chosen <= needed:
+        raise ConfigError(
+            [
+                Problem(
+                    "REPORTER_VISIBILITY_TIMEOUT",
+                    None,
+                    "",
+                    f"{chosen}s is too short: the dispatcher enqueues sends up to {window}s ahead (its cron "
+                    f"{found[0] if found else 'default'!r}) and a send may run {d.time_limit:g}s (time_limit), so Redis would hand "
+                    f"waiting sends to a second worker. Set it above {needed}, or unset it to use {needed + defaults.VISIBILITY_MARGIN}.",
+                )
+            ]
+        )
+    app.conf.broker_transport_options = {"visibility_timeout": chosen or needed + defaults.VISIBILITY_MARGIN}
+
+
+def broker_warnings(broker_url: str) -> list[str]:
+    """Redis settings that would silently lose queued sends or the beat lock (checked at start-up)."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return []
+    import redis
+
+    out: list[str] = []
+    try:
+        client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction"))
+        if policy != "noeviction":
+            out.append(
+                f"Redis maxmemory-policy is {policy}: under memory pressure Redis may evict queued sends and the beat "
+                "lock. Set maxmemory-policy noeviction."
+            )
+        persistence = client.config_get("appendonly").get("appendonly") == "yes" or bool(client.config_get("save").get("save"))
+        if not persistence:
+            out.append(
+                "Redis keeps nothing on disk: a Redis restart loses queued sends. The ledger and the sweep re-send them "
+                "within minutes, but turn on appendonly for production."
+            )
+        client.close()
+    except redis.RedisError:
+        pass  # CONFIG may be disabled (managed Redis); nothing to say then
+    return out
 
 
 def _load_or_exit() -> None:
@@ -78,6 +120,8 @@ def _load_or_exit() -> None:
     except ConfigError as exc:
         print(f"reporter: invalid configuration, not starting:\n{exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    for warning in broker_warnings(str(app.conf.broker_url)):
+        log.warning("%s", warning)
 
 
 try:

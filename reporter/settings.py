@@ -37,6 +37,8 @@ class Settings:
     """REPORTER_LOG_FORMAT=json: one JSON object per delivery log line."""
     metrics_port: int | None = None
     """REPORTER_METRICS_PORT: where workers serve Prometheus metrics (unset: no endpoint)."""
+    visibility_timeout: int | None = None
+    """REPORTER_VISIBILITY_TIMEOUT: Redis' redelivery timeout in seconds (unset: derived from the config)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -63,6 +65,7 @@ class Settings:
             environ=env,
             log_json=(_env(env, "REPORTER_LOG_FORMAT") or "text").lower() == "json",
             metrics_port=int(port) if (port := _env(env, "REPORTER_METRICS_PORT")) and port.isdigit() else None,
+            visibility_timeout=int(vt) if (vt := _env(env, "REPORTER_VISIBILITY_TIMEOUT")) and vt.isdigit() else None,
         )
 
 
