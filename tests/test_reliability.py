@@ -443,3 +443,59 @@ def test_a_hanging_render_is_stopped_by_the_soft_limit_and_others_keep_flowing(
     assert "SoftTimeLimitExceeded" in worker.output() or "soft time limit" in worker.output()
     assert [m["Subject"] for m in inbox.messages] == ["Fine"] * 3
     ledger.dispose()
+
+
+STUBBORN_DATA = """
+import time
+
+def ignores_soft_limit(slot, report):
+    while True:
+        try:
+            time.sleep(600)
+        except BaseException:  # swallows SoftTimeLimitExceeded: only the hard limit can stop this
+            pass
+"""
+
+
+def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_attempts(
+    make_project: Callable[..., Project],
+    fresh_redis: str,
+    inbox: Inbox,
+    start_worker: Callable[..., Worker],
+    start_beat: Callable[..., Any],
+) -> None:
+    project = make_project(yaml_text="placeholder")
+    (project.root / "stubborn.py").write_text(STUBBORN_DATA)
+    reports = """\
+  stubborn:
+    schedule: "0 7 * * *"
+    subject: "Stubborn"
+    template: simple.html
+    function: stubborn:ignores_soft_limit
+    recipients: [ann@example.com]
+    owners: [owner@example.com]
+    max_retries: 0
+  fine:
+    schedule: "0 7 * * *"
+    subject: "Fine"
+    template: simple.html
+    query: {datasource: warehouse, sql: "select region, amount from orders"}
+    recipients: [ben@example.com]
+"""
+    project.config.write_text(project_yaml(project.root, reports, soft_time_limit=2, time_limit=4))
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    worker = start_worker(env, concurrency=2)
+    start_beat(env)  # the sweep finds the killed attempt
+    app = Celery("t", broker=fresh_redis, set_as_current=False)
+    app.send_task("email_reports.send", args=("stubborn", "2026-01-05T07:00:00Z"), queue="reporter.scheduled")
+    app.send_task("email_reports.send", args=("fine", "2026-01-05T07:00:00Z"), queue="reporter.scheduled")
+    wait_until(lambda: "Hard time limit (4" in worker.output(), 60, "the hard limit to kill the render")
+    wait_until(lambda: any(m["Subject"] == "Fine" for m in inbox.messages), 60, "the other report")
+    ledger = Ledger.from_url(project.db_url)
+    # The killed attempt's claim goes stale after the hard limit + 30 s; the next sweep gives up on it.
+    wait_until(lambda: [r.status for r in ledger.rows(report="stubborn")] == ["failed"], 150, "the sweep to give up")
+    [row] = ledger.rows(report="stubborn")
+    assert row.error and "attempts ended without a result" in row.error, row.error
+    wait_until(lambda: any(rcpts == ["owner@example.com"] for _, rcpts in inbox.envelopes), 30, "the owners' notice")
+    assert [m["Subject"] for m in inbox.messages if m["Subject"] == "Fine"] == ["Fine"]
+    ledger.dispose()
