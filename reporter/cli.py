@@ -383,13 +383,6 @@ def _celery(args: list[str]) -> NoReturn:
     os.execv(sys.executable, argv)
 
 
-WORKER_MAX_TASKS_PER_CHILD = 200
-"""Tasks after which a worker process is replaced: hands back what WeasyPrint's and fontconfig's caches keep."""
-
-WORKER_MAX_MEMORY_PER_CHILD = 400_000
-"""KiB of resident memory after which a worker process is replaced once its task ends (a long PDF takes hundreds of MB)."""
-
-
 def concurrency_for(cpus: int, memory_bytes: int | None, per_child_kib: int) -> int:
     """Worker processes: one per CPU less one for the rest of the machine, and no more than half the
     memory holds at PER_CHILD_KIB each (a child may pass its limit during the task that replaces it)."""
@@ -419,14 +412,14 @@ def _machine() -> tuple[int, int | None]:
 @click.option(
     "--max-tasks-per-child",
     type=click.IntRange(1),
-    default=WORKER_MAX_TASKS_PER_CHILD,
+    default=defaults.WORKER_MAX_TASKS_PER_CHILD,
     show_default=True,
     help="replace a process after this many tasks",
 )
 @click.option(
     "--max-memory-per-child",
     type=click.IntRange(1),
-    default=WORKER_MAX_MEMORY_PER_CHILD,
+    default=defaults.WORKER_MAX_MEMORY_PER_CHILD,
     show_default=True,
     help="KiB; replace a process above it once its task ends",
 )

@@ -89,3 +89,9 @@ METRICS_PORT = 9808
 
 NOTICE_COOLDOWN = 3600
 """Seconds: a report's owners get at most one failure notice in this time."""
+
+WORKER_MAX_TASKS_PER_CHILD = 200
+"""Tasks after which a worker process is replaced: hands back what WeasyPrint's and fontconfig's caches keep."""
+
+WORKER_MAX_MEMORY_PER_CHILD = 400_000
+"""KiB of resident memory after which a worker process is replaced once its task ends (a long PDF takes hundreds of MB)."""

@@ -123,6 +123,8 @@ def run_all(settings: Settings, concurrency: int) -> int:
             str(concurrency),
             "-n",
             "reporter-run@%h",
+            f"--max-tasks-per-child={defaults.WORKER_MAX_TASKS_PER_CHILD}",
+            f"--max-memory-per-child={defaults.WORKER_MAX_MEMORY_PER_CHILD}",
             "--loglevel",
             "INFO",
         ]
