@@ -127,6 +127,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def _key(report: str, slot: datetime, recipients: Sequence[str]) -> Any:
+    """The rows of RECIPIENTS for (REPORT, SLOT)."""
+    return (deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients))
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     # WAL lets the CLI read history while workers write; busy_timeout makes writers queue, not fail.
@@ -215,7 +220,7 @@ class Ledger:
         token = uuid.uuid4().hex
         stamp = now()
         cutoff = stamp - timedelta(seconds=stale_after)
-        key = (deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients))
+        key = _key(report, slot, recipients)
         claimable = (deliveries.c.status == QUEUED) | (deliveries.c.status.in_(IN_FLIGHT) & (deliveries.c.claimed_at < cutoff))
         with self.engine.begin() as conn:
             conn.execute(
@@ -245,22 +250,15 @@ class Ledger:
             busy_until=None if busy_until is None else busy_until.replace(tzinfo=UTC) + timedelta(seconds=stale_after),
         )
 
-    def _update(self, token: str, report: str, slot: datetime, recipients: Sequence[str], **values: Any) -> int:
-        values["updated_at"] = now()
+    def _set(self, where: Any, **values: Any) -> int:
+        """UPDATE the rows WHERE matches; return how many changed."""
         with self.engine.begin() as conn:
-            result = conn.execute(
-                deliveries.update()
-                .where(
-                    (deliveries.c.report == report)
-                    & (deliveries.c.slot == slot)
-                    & deliveries.c.recipient.in_(list(recipients))
-                    & (deliveries.c.claim_token == token)
-                    # Only rows still in flight change hands: sent, failed and skipped are final.
-                    & deliveries.c.status.in_(IN_FLIGHT)
-                )
-                .values(**values)
-            )
-            return result.rowcount or 0
+            return conn.execute(deliveries.update().where(where).values(updated_at=now(), **values)).rowcount or 0
+
+    def _update(self, token: str, report: str, slot: datetime, recipients: Sequence[str], **values: Any) -> int:
+        # Only rows still in flight change hands: sent, failed and skipped are final.
+        held = (deliveries.c.claim_token == token) & deliveries.c.status.in_(IN_FLIGHT)
+        return self._set(_key(report, slot, recipients) & held, **values)
 
     def mark_sending(self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str) -> int:
         return self._update(token, report, slot, recipients, status=SENDING, message_id=message_id)
@@ -290,19 +288,7 @@ class Ledger:
         return self._update(token, report, slot, recipients, status=QUEUED, error=error[:4000], claim_token=None, claimed_at=None)
 
     def mark_skipped(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
-        stamp = now()
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                deliveries.update()
-                .where(
-                    (deliveries.c.report == report)
-                    & (deliveries.c.slot == slot)
-                    & deliveries.c.recipient.in_(list(recipients))
-                    & (deliveries.c.status == QUEUED)
-                )
-                .values(status=SKIPPED, error=why, updated_at=stamp)
-            )
-            return result.rowcount or 0
+        return self._set(_key(report, slot, recipients) & (deliveries.c.status == QUEUED), status=SKIPPED, error=why)
 
     def stuck(self, stale_before: datetime, queued_before: datetime) -> dict[tuple[str, datetime], dict[str, int]]:
         """Rows that need a new task: claims older than STALE_BEFORE (their holder died), and rows

@@ -312,6 +312,40 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         worker.stop()
 
 
+@pytest.fixture
+def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `celery -A reporter.celery_app beat` subprocesses (own session each); stopped afterwards."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], name: str = "beat") -> subprocess.Popen[bytes]:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "reporter.celery_app",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(tmp_path / f"{name}-sched"),
+            ]
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from reporter import defaults
 from reporter.ledger import Ledger
 from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
-from tests.conftest import ROOT, Inbox, Project, Worker
+from tests.conftest import Inbox, Project, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -64,39 +63,6 @@ def timed_inbox() -> Iterator[TimedInbox]:
     controller.start()
     yield box
     controller.stop()
-
-
-@pytest.fixture
-def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(env: dict[str, str], name: str = "beat") -> subprocess.Popen[bytes]:
-        with open(tmp_path / f"{name}.log", "wb") as log:
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "reporter.celery_app",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "-s",
-                str(tmp_path / f"{name}-sched"),
-            ]
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
