@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
-from celery.exceptions import MaxRetriesExceededError, SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded
 
 from reporter import defaults
 from reporter.beat import dispatcher_cron
@@ -93,16 +93,7 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
         fail_for_good(rt, stuck, f"after {self.request.retries} retries")
         notify_owners(rt, stuck)
         return stuck.as_dict()
-    if result.retry:
-        try:
-            raise self.retry(
-                kwargs={"only": list(result.retry), "trigger": trigger},
-                countdown=backoff(self.request.retries),
-                max_retries=rt.config.retries_of(rt.config.reports[report]),
-            )
-        except MaxRetriesExceededError:
-            fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
-    notify_owners(rt, result)
+    # First, before a retry below ends this run.
     if result.busy and result.busy_until is not None:
         # Another execution holds these rows (a redelivered copy of this task, or a process that
         # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.
@@ -113,6 +104,14 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
             countdown=wait,
             queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None,
         )
+    max_retries = rt.config.retries_of(rt.config.reports[report])
+    if result.retry and self.request.retries >= max_retries:
+        fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
+    # Tell the owners of what failed for good in this run, including when others are retried below.
+    notify_owners(rt, result)
+    if result.retry:
+        kwargs = {"only": list(result.retry), "trigger": trigger}
+        raise self.retry(kwargs=kwargs, countdown=backoff(self.request.retries), max_retries=max_retries)
     return result.as_dict()
 
 
