@@ -207,13 +207,13 @@ def send_slot(
                 msg = build(rendered, sender, [targets[r] for r in group], cc, msg_id, with_html)
                 envelope = [*group, *addresses(cc), *bcc]
                 rt.ledger.mark_sending(claim.token, name, slot, group, msg_id)
-                in_flight = group
                 started = time.monotonic()
                 try:
                     # Connect first and reserve the send time last, so sends reach the server spaced
                     # as the limit says.
                     mailer.connect()
                     rt.limiter.acquire(bucket, rate)
+                    in_flight = group  # from here until the reply, the server may have the message
                     outcome = mailer.send(msg, parseaddr(sender)[1], envelope)
                 except TransientDeliveryError as exc:
                     # The server or the network is in trouble: give back this group and the rest.
