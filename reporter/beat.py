@@ -22,6 +22,7 @@ from reporter import defaults
 from reporter.config import Config
 from reporter.lock import RedisLock
 from reporter.schedule import isoformat, latest_fire, next_fire
+from reporter.settings import is_redis_url, redis_client_url
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,10 @@ class Scheduler(beat.Scheduler):
         # Renew well within the lease, and tick often enough to notice a lost lock quickly.
         self.max_interval: float = min(float(self.max_interval), self.lock_timeout / 3)
         broker = str(self.app.conf.broker_url or "")
-        if broker.startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
+        if is_redis_url(broker):
             import redis
 
-            client = redis.Redis.from_url(broker.replace("redis+socket://", "unix://"), socket_timeout=5, socket_connect_timeout=5)
+            client = redis.Redis.from_url(redis_client_url(broker), socket_timeout=5, socket_connect_timeout=5)
             self._lock = RedisLock(client, defaults.BEAT_LEADER_KEY, self.lock_timeout)
         else:
             log.warning("broker is not Redis: no leader lock, so run exactly one beat yourself")

@@ -11,11 +11,15 @@ from kombu.entity import Exchange, Queue
 
 from reporter import defaults
 from reporter.errors import ConfigError, Problem
-from reporter.settings import Settings
+from reporter.settings import Settings, is_redis_url, redis_client_url
 
 log = logging.getLogger(__name__)
 
-settings = Settings.from_env()
+try:
+    settings = Settings.from_env()
+except ConfigError as _exc:
+    print(f"reporter: {_exc}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 app = Celery("reporter", include=["reporter.tasks"])
 app.conf.update(
@@ -87,13 +91,13 @@ def configure_from(config: Any) -> None:
 
 def broker_warnings(broker_url: str) -> list[str]:
     """Redis settings that would silently lose queued sends or the beat lock (checked at start-up)."""
-    if not broker_url.startswith(("redis://", "rediss://")):
+    if not is_redis_url(broker_url):
         return []
     import redis
 
     out: list[str] = []
     try:
-        client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=5)
+        client = redis.Redis.from_url(redis_client_url(broker_url), socket_connect_timeout=5, socket_timeout=5)
         policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction"))
         if policy != "noeviction":
             out.append(
@@ -125,9 +129,10 @@ def _load_or_exit() -> None:
 
 
 try:
-    from reporter.runtime import runtime as _runtime
+    # Only the config: `celery inspect` or Flower importing this module must not need the ledger.
+    from reporter import config as _config
 
-    configure_from(_runtime().config)
+    configure_from(_config.load(settings.config_path, settings.environ, settings.templates_dir))
 except ConfigError:
     pass  # reported, with every problem, when a worker or beat starts (below)
 

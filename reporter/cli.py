@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from reporter import defaults
 from reporter.errors import ConfigError, ReporterError
@@ -63,6 +64,10 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_INPUT)
         except ReporterError as exc:
             fail(str(exc))
+        except SQLAlchemyError as exc:
+            # An unreachable or misspelt ledger database: say which (password masked) and stop.
+            url = mask_url(click.get_current_context().find_object(Context).settings.database_url)  # type: ignore[union-attr]
+            fail(f"ledger database {url}: {str(getattr(exc, 'orig', None) or exc).strip().splitlines()[0]}")
 
     return wrapper
 
@@ -99,7 +104,10 @@ def parse_slot(text: str | None, zone: Any) -> datetime | None:
 @click.pass_context
 def cli(ctx: click.Context, config_path: Path | None) -> None:
     """Scheduled email reports: schedules.yaml -> Celery beat -> workers -> inboxes."""
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        fail(str(exc))
     if config_path is not None:
         templates = (
             settings.templates_dir if settings.environ.get("REPORTER_TEMPLATES") else config_path.parent / defaults.TEMPLATES_DIRNAME

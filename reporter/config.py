@@ -27,8 +27,8 @@ from reporter.schedule import cron_problem
 
 Path_ = tuple[str | int, ...]
 
-KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.send", "email_reports.sweep")
-"""Task names a beat entry may name."""
+KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.sweep")
+"""Task names a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")

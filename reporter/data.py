@@ -23,7 +23,7 @@ from sqlalchemy import exc as sa_exc
 
 from reporter.config import Config, Datasource, Report
 from reporter.errors import INTERRUPTS, DataError, TransientDeliveryError
-from reporter.settings import mask_url
+from reporter.settings import mask_url, scrub
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,10 @@ class Datasources:
                         ) from None
                     raise
         except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
-            # The warehouse being down or locked is worth another try later.
+            if not _unavailable(exc):
+                # SQLite reports a typo in the SQL or a missing table as an OperationalError too.
+                raise DataError(f"report {report_name!r}: query failed: {_first_line(exc, url)}") from None
+            # The warehouse being down, restarting or locked is worth another try later.
             raise TransientDeliveryError(f"report {report_name!r}: datasource {source!r}: {_first_line(exc, url)}") from None
         except sa_exc.SQLAlchemyError as exc:
             raise DataError(f"report {report_name!r}: query failed: {_first_line(exc, url)}") from None
@@ -224,8 +227,30 @@ def _scrub(text: str, url: str | None) -> str:
         password = sa.make_url(url).password
     except (sa_exc.ArgumentError, ValueError):
         password = None
-    raw = mask_url(url)
-    for secret in {str(password) if password else "", url.partition("://")[2].partition("@")[0].partition(":")[2]}:
-        if len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text.replace(url, raw)
+    written = url.partition("://")[2].partition("@")[0].partition(":")[2]
+    return scrub(text.replace(url, mask_url(url)), str(password) if password else None, written)
+
+
+_UNAVAILABLE = (
+    "connect",
+    "connection",
+    "timeout",
+    "timed out",
+    "locked",
+    "busy",
+    "unable to open",
+    "server closed",
+    "terminat",
+    "shutting down",
+    "starting up",
+    "too many clients",
+)
+"""Words in a driver's error that mean the database is unreachable or busy, not the query wrong."""
+
+
+def _unavailable(exc: sa_exc.SQLAlchemyError) -> bool:
+    """Is this the database being unreachable or busy (retry), rather than the query being wrong?"""
+    if isinstance(exc, (sa_exc.InterfaceError, sa_exc.TimeoutError)) or getattr(exc, "connection_invalidated", False):
+        return True
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return any(word in text for word in _UNAVAILABLE)

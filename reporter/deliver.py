@@ -112,10 +112,20 @@ class Runtime:
             return self.transport_factory()
         return transport(self.settings.smtp_url, self.settings.outbox)
 
-    @property
+    def time_limits(self, name: str) -> tuple[float, float]:
+        """(soft, hard) seconds for one send of report NAME: the config's, plus the time its
+        recipients wait for the rate limit, so a report is not cut off by its own limit."""
+        report = self.config.reports[name]
+        waiting = (1 if report.group else len(report.recipients)) / self.config.rate_of(report)
+        d = self.config.defaults
+        return d.soft_time_limit + waiting, d.time_limit + waiting
+
+    @cached_property
     def stale_after(self) -> float:
-        """Seconds after which another execution's claim is taken to be dead."""
-        return self.config.defaults.time_limit + CLAIM_MARGIN
+        """Seconds after which another execution's claim is taken to be dead: longer than any send
+        task may live (its hard limit), so the claim of a task that is still running is never taken."""
+        hard = max((self.time_limits(name)[1] for name in self.config.reports), default=self.config.defaults.time_limit)
+        return hard + CLAIM_MARGIN
 
 
 @dataclass
@@ -206,7 +216,10 @@ def send_slot(
                 msg_id = message_id(name, slot, ",".join(sorted(group)) if report.group else group[0], sender)
                 msg = build(rendered, sender, [targets[r] for r in group], cc, msg_id, with_html)
                 envelope = [*group, *addresses(cc), *bcc]
-                rt.ledger.mark_sending(claim.token, name, slot, group, msg_id)
+                if not rt.ledger.mark_sending(claim.token, name, slot, group, msg_id):
+                    # Our claim was taken over (this run outlived it): its new holder sends.
+                    pending = [r for r in pending if r not in group]
+                    continue
                 started = time.monotonic()
                 try:
                     # Connect first and reserve the send time last, so sends reach the server spaced
@@ -229,9 +242,11 @@ def send_slot(
                     record(rt, result, group, "failed", str(exc), time.monotonic() - started, msg_id)
                     pending = [r for r in pending if r not in group]
                     continue
-                in_flight = []
                 seconds = time.monotonic() - started
                 size = len(msg.as_bytes())
+                # The server has the message: from here an interruption must not hand these rows
+                # back (that would resend); unrecorded ones stay 'sending' (docs/reliability.md).
+                pending = [r for r in pending if r not in group]
                 for recipient in group:
                     refused = outcome.refused.get(recipient)
                     if refused is None:
@@ -245,7 +260,7 @@ def send_slot(
                     else:
                         rt.ledger.mark_failed(claim.token, name, slot, [recipient], error)
                         record(rt, result, [recipient], "failed", error, seconds, msg_id)
-                pending = [r for r in pending if r not in group]
+                in_flight = []
         finally:
             mailer.close()
     finally:

@@ -110,6 +110,18 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Stuck:
+    """A row the sweep must act on."""
+
+    report: str
+    slot: datetime
+    recipient: str
+    attempts: int
+    dead: bool
+    """True: claimed by an execution that died; False: queued, its task lost."""
+
+
+@dataclass(frozen=True)
 class Claim:
     """The outcome of trying to claim a slot's rows for one task execution."""
 
@@ -290,22 +302,30 @@ class Ledger:
     def mark_skipped(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
         return self._set(_key(report, slot, recipients) & (deliveries.c.status == QUEUED), status=SKIPPED, error=why)
 
-    def stuck(self, stale_before: datetime, queued_before: datetime) -> dict[tuple[str, datetime], dict[str, int]]:
-        """Rows that need a new task: claims older than STALE_BEFORE (their holder died), and rows
-        still queued for a slot before QUEUED_BEFORE that nobody touched since (their task was lost).
-        Returns each (report, slot)'s recipients with their attempts so far, and stamps the queued ones
-        so that a backlog is not re-enqueued on every sweep."""
+    def stuck(self, stale_before: datetime, queued_before: datetime, retry_before: datetime) -> list[Stuck]:
+        """Rows that need a new task:
+        - dead: claimed before STALE_BEFORE, so their holder can no longer be running;
+        - lost: queued for a slot before QUEUED_BEFORE and never tried, untouched since QUEUED_BEFORE;
+        - lost retry: handed back after an attempt and untouched since RETRY_BEFORE (longer than
+          any retry countdown), so the retry message is gone.
+        Lost rows are stamped, so that a backlog is not re-enqueued on every sweep."""
         dead = deliveries.c.status.in_(IN_FLIGHT) & (deliveries.c.claimed_at < stale_before)
-        lost = (deliveries.c.status == QUEUED) & (deliveries.c.slot < queued_before) & (deliveries.c.updated_at < queued_before)
-        out: dict[tuple[str, datetime], dict[str, int]] = {}
+        waiting = (deliveries.c.status == QUEUED) & (deliveries.c.slot < queued_before)
+        lost = waiting & (
+            ((deliveries.c.attempts == 0) & (deliveries.c.updated_at < queued_before))
+            | ((deliveries.c.attempts > 0) & (deliveries.c.updated_at < retry_before))
+        )
+        c = deliveries.c
+        columns = (c.id, c.report, c.slot, c.recipient, c.attempts, c.status)
         with self.engine.begin() as conn:
-            columns = (deliveries.c.id, deliveries.c.report, deliveries.c.slot, deliveries.c.recipient, deliveries.c.attempts)
             rows = conn.execute(sa.select(*columns).where(dead | lost)).all()
-            for row in rows:
-                out.setdefault((row.report, row.slot), {})[row.recipient] = row.attempts
             if rows:
                 conn.execute(deliveries.update().where(deliveries.c.id.in_([r.id for r in rows]) & lost).values(updated_at=now()))
-        return out
+        return [Stuck(r.report, r.slot, r.recipient, r.attempts, r.status in IN_FLIGHT) for r in rows]
+
+    def skip_stuck(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
+        """Record rows found by `stuck` (queued, or claimed by a dead execution) as skipped."""
+        return self._set(_key(report, slot, recipients) & deliveries.c.status.in_((QUEUED, *IN_FLIGHT)), status=SKIPPED, error=why)
 
     def take_notice(self, report: str, cooldown: float) -> datetime | None:
         """Atomically claim the right to notify REPORT's owners (at most once per COOLDOWN seconds).

@@ -25,7 +25,7 @@ from reporter.config import normalize_address
 from reporter.errors import ConfigError, PermanentDeliveryError, Problem, TransientDeliveryError
 from reporter.render import Rendered, one_line
 from reporter.schedule import isoformat
-from reporter.settings import mask_url
+from reporter.settings import mask_url, scrub
 
 
 def message_id(report: str, slot: datetime, recipient: str, sender: str) -> str:
@@ -226,8 +226,7 @@ class SmtpTransport:
 
     def _scrub(self, text: str) -> str:
         """TEXT without the password, should a server or library ever quote it back."""
-        password = self.settings.password
-        return text.replace(password, "***") if password and len(password) >= 3 else text
+        return scrub(text, self.settings.password)
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -11,6 +11,7 @@ import time
 from typing import Any, Protocol
 
 from reporter.errors import TransientDeliveryError
+from reporter.settings import is_redis_url, redis_client_url
 
 MARGIN = 1.05
 """Sends are spaced this much wider than 1/rate, so jitter between reserving a send time and the
@@ -48,7 +49,8 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local at = tonumber(redis.call('GET', KEYS[1]) or '0')
 if at < now then at = now end
-redis.call('SET', KEYS[1], at + interval, 'PX', math.floor(interval / 1000) + 60000)
+-- Keep the key as long as its furthest reservation, plus a minute.
+redis.call('SET', KEYS[1], at + interval, 'PX', math.floor((at + interval - now) / 1000) + 60000)
 return at - now
 """
 
@@ -82,6 +84,6 @@ class RedisLimiter:
 
 def for_broker(broker_url: str | None) -> Limiter:
     """A Redis limiter when the broker is Redis, else a per-process one."""
-    if broker_url and broker_url.startswith(("redis://", "rediss://", "redis+socket://", "unix://")):
-        return RedisLimiter.from_url(broker_url.replace("redis+socket://", "unix://"))
+    if broker_url and is_redis_url(broker_url):
+        return RedisLimiter.from_url(redis_client_url(broker_url))
     return LocalLimiter()

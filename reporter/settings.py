@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reporter import defaults
+from reporter.errors import ConfigError, Problem
 
 
 def _env(environ: Mapping[str, str], name: str) -> str | None:
@@ -17,8 +18,22 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
         return value
     file_name = environ.get(f"{name}_FILE")
     if file_name:
-        return Path(file_name).read_text().strip()
+        try:
+            return Path(file_name).read_text().strip()
+        except OSError as exc:
+            why = f"cannot read {file_name}: {exc.strerror or type(exc).__name__}; fix the path or set {name} instead"
+            raise ConfigError([Problem(f"{name}_FILE", None, "", why)]) from None
     return None
+
+
+def is_redis_url(url: str | None) -> bool:
+    """True for the URL forms redis-py and kombu's Redis transport accept."""
+    return bool(url) and str(url).startswith(("redis://", "rediss://", "unix://", "redis+socket://"))
+
+
+def redis_client_url(url: str) -> str:
+    """kombu's redis+socket:// spelled the way redis-py wants it (unix://)."""
+    return url.replace("redis+socket://", "unix://", 1)
 
 
 @dataclass(frozen=True)
@@ -87,3 +102,16 @@ def mask_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***{rest[at:]}"
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """TEXT with each secret, as written and percent-encoded, replaced by '***' (drivers and servers
+    sometimes quote credentials back in their errors). Secrets under 3 characters are left alone:
+    replacing them would garble the message without hiding anything."""
+    from urllib.parse import quote
+
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            for form in {secret, quote(secret, safe="")}:
+                text = text.replace(form, "***")
+    return text

@@ -17,7 +17,7 @@ from typing import Any
 
 from reporter import defaults
 from reporter.errors import ReporterError
-from reporter.settings import mask_url
+from reporter.settings import is_redis_url, mask_url, redis_client_url
 
 BEAT_MAX_AGE = 60.0
 """Seconds since beat's last tick after which `reporter health beat` fails (it ticks every few seconds)."""
@@ -83,9 +83,9 @@ def redis_client(broker_url: str) -> Any:
     """A Redis client on the broker, which holds beat's lock and heartbeat and the queues."""
     import redis
 
-    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if not is_redis_url(broker_url):
         raise ReporterError(f"beat's lock and heartbeat live in a Redis broker; the broker is {mask_url(broker_url)}")
-    return redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+    return redis.Redis.from_url(redis_client_url(broker_url), socket_timeout=5, socket_connect_timeout=5)
 
 
 def beat_health(broker_url: str, max_age: float = BEAT_MAX_AGE, now: datetime | None = None) -> Check:

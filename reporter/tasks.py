@@ -15,6 +15,7 @@ from reporter.beat import dispatcher_cron
 from reporter.celery_app import app
 from reporter.deliver import Runtime, SendResult, fail_for_good, recipient_keys, send_slot
 from reporter.dispatch import Due, dispatch
+from reporter.ledger import Stuck
 from reporter.notice import notify_owners
 from reporter.runtime import runtime
 from reporter.schedule import isoformat, next_fire, parse_instant
@@ -38,24 +39,25 @@ def backoff(
     return step / 2 + (rand or random).uniform(0, step / 2)
 
 
-def send_options(rt: Runtime, name: str) -> dict[str, Any]:
-    """Time limits for one send task: the config's, plus the time its recipients wait for the rate limit."""
-    report = rt.config.reports[name]
-    waiting = (1 if report.group else len(report.recipients)) / rt.config.rate_of(report)
-    d = rt.config.defaults
-    return {"soft_time_limit": d.soft_time_limit + waiting, "time_limit": d.time_limit + waiting}
-
-
 def enqueue_send(
-    rt: Runtime, due: Due, queue: str = defaults.QUEUE_SCHEDULED, only: list[str] | None = None, trigger: str = "schedule"
+    rt: Runtime,
+    due: Due,
+    queue: str = defaults.QUEUE_SCHEDULED,
+    only: list[str] | None = None,
+    trigger: str = "schedule",
+    countdown: float | None = None,
 ) -> Any:
-    """Publish email_reports.send for DUE with eta=slot (a past eta runs at once)."""
+    """Publish email_reports.send for DUE: scheduled sends wait for their slot (eta), others go now
+    (or after COUNTDOWN seconds)."""
+    soft, hard = rt.time_limits(due.report)
+    timing: dict[str, Any] = {"countdown": countdown} if countdown is not None else {"eta": due.slot} if trigger == "schedule" else {}
     return send.apply_async(
         args=(due.report, isoformat(due.slot)),
         kwargs={"only": only, "trigger": trigger},
-        eta=due.slot,
         queue=queue,
-        **send_options(rt, due.report),
+        soft_time_limit=soft,
+        time_limit=hard,
+        **timing,
     )
 
 
@@ -98,12 +100,8 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
         # Another execution holds these rows (a redelivered copy of this task, or a process that
         # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.
         wait = max((result.busy_until - datetime.now(UTC)).total_seconds(), 1.0)
-        self.apply_async(
-            args=(report, slot),
-            kwargs={"only": result.busy, "trigger": trigger},
-            countdown=wait,
-            queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None,
-        )
+        queue = (self.request.delivery_info or {}).get("routing_key") or defaults.QUEUE_SCHEDULED
+        enqueue_send(rt, Due(report, at), queue=queue, only=result.busy, trigger=trigger, countdown=wait)
     max_retries = rt.config.retries_of(rt.config.reports[report])
     if result.retry and self.request.retries >= max_retries:
         fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
@@ -133,25 +131,33 @@ def sweep() -> dict[str, Any]:
     """
     rt = runtime()
     now = datetime.now(UTC)
-    stuck = rt.ledger.stuck(stale_before=now - timedelta(seconds=rt.stale_after), queued_before=now - QUEUED_GRACE)
-    re_enqueued = gave_up = 0
-    for (report, slot), attempts in stuck.items():
+    found = rt.ledger.stuck(
+        stale_before=now - timedelta(seconds=rt.stale_after),
+        queued_before=now - QUEUED_GRACE,
+        retry_before=now - timedelta(seconds=defaults.RETRY_BACKOFF_MAX) - QUEUED_GRACE,
+    )
+    groups: dict[tuple[str, datetime], list[Stuck]] = {}
+    for row in found:
+        groups.setdefault((row.report, row.slot), []).append(row)
+    counts = {"re_enqueued": 0, "gave_up": 0, "skipped": 0}
+    for (report, slot), rows in groups.items():
         if report not in rt.config.reports:
+            gone = "the report is no longer in the configuration"
+            counts["skipped"] += rt.ledger.skip_stuck(report, slot, [r.recipient for r in rows], gone)
             continue
         # Each attempt that ended without a result (its process killed by the hard time limit or
         # with its worker) counts; past the retries allowed, the delivery is failed, not retried forever.
         limit = rt.config.retries_of(rt.config.reports[report]) + 1
-        spent = {r: n for r, n in attempts.items() if n >= limit}
+        spent = [r for r in rows if r.dead and r.attempts >= limit]
         if spent:
-            result = SendResult(
-                report, slot, retry=dict.fromkeys(spent, f"{max(spent.values())} attempts ended without a result (killed or timed out)")
-            )
+            why = f"{max(r.attempts for r in spent)} attempts ended without a result (killed or timed out)"
+            result = SendResult(report, slot, retry={r.recipient: why for r in spent})
             fail_for_good(rt, result, "gave up")
             notify_owners(rt, result)
-            gave_up += len(spent)
-        again = [r for r in attempts if r not in spent]
+            counts["gave_up"] += len(spent)
+        again = [r.recipient for r in rows if r not in spent]
         if again:
             log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(again))
             enqueue_send(rt, Due(report, slot), only=again)
-            re_enqueued += len(again)
-    return {"re_enqueued": re_enqueued, "gave_up": gave_up}
+            counts["re_enqueued"] += len(again)
+    return counts
