@@ -219,3 +219,27 @@ def test_send_to_override_validates_addresses(shipped_copy: Path, make_project: 
     done = run_cli("send", "signups", "--sync", "--to", "not-an-address", env=clean_env(), cwd=shipped_copy)
     assert_clean_failure(done)
     assert "--to: 'not-an-address' is not an email address" in done.stderr
+
+
+def test_unreadable_secret_file_and_bad_ledger_url_are_one_line_exit_1(shipped_copy: Path) -> None:
+    done = run_cli("validate", env=clean_env(REPORTER_SMTP_URL_FILE="/nonexistent/smtp-url"), cwd=shipped_copy)
+    assert_clean_failure(done)
+    assert "REPORTER_SMTP_URL_FILE: cannot read /nonexistent/smtp-url: No such file or directory" in done.stderr
+    for url, expected in (
+        ("postgresql+psycopg://bob:hunter2pw@127.0.0.1:1/db", "ledger database postgresql+psycopg://bob:***@127.0.0.1:1/db: "),
+        ("nosuchdb://x/y", "ledger database nosuchdb://x/y: "),
+    ):
+        done = run_cli("history", env=clean_env(REPORTER_DATABASE_URL=url), cwd=shipped_copy)
+        assert_clean_failure(done)
+        assert expected in done.stderr and "hunter2pw" not in done.stderr, done.stderr
+
+
+def test_a_wrong_query_fails_at_once_instead_of_being_retried(shipped_copy: Path, inbox: Inbox) -> None:
+    text = (shipped_copy / "schedules.yaml").read_text().replace("from orders where day", "from ordres where day")
+    (shipped_copy / "schedules.yaml").write_text(text)
+    done = run_cli("send", "sales-daily", "--sync", env=clean_env(REPORTER_SMTP_URL=inbox.url), cwd=shipped_copy)
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"alice@example\.com\tfailed\t.*query failed: .*no such table: ordres", done.stdout), done.stdout
+    assert "not retried" not in done.stdout  # a permanent failure, not a transient one given up on
+    # The owners are told once, about both recipients.
+    assert [rcpts for _, rcpts in inbox.envelopes] == [["data-team@example.com"]]

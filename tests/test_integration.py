@@ -141,3 +141,9 @@ def test_send_now_goes_through_the_urgent_queue(
     assert re.search(r"^dee@example.com\tsent\t<regional\.", done.stdout, re.M), done.stdout
     assert "reporter.urgent" in done.stderr
     assert [rcpts for _, rcpts in inbox.envelopes] == [["dee@example.com"]]
+    # A send-now of a slot still to come goes now, not at that slot.
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT07:00:00Z")
+    later = run_cli("send", "regional", "--to", "eve@example.com", "--slot", tomorrow, "--wait", "60", env=env)
+    assert later.returncode == 0, later.stderr
+    assert re.search(r"^eve@example.com\tsent\t", later.stdout, re.M), later.stdout
+    assert inbox.messages[-1]["X-Reporter-Slot"] == tomorrow

@@ -422,3 +422,42 @@ def test_dispatch_marks_only_move_forward(open_ledger: Callable[[], Ledger]) -> 
     other.advance_mark("daily", datetime(2026, 1, 15, 18, 1, tzinfo=UTC))
     marks = ledger.marks()
     assert marks["daily"] == datetime(2026, 1, 15, 18, 1, tzinfo=UTC) and marks["daily"].tzinfo == UTC
+
+
+def test_stuck_finds_dead_claims_lost_tasks_and_lost_retries_but_not_pending_retries(ledger: Ledger) -> None:
+    now = L.now()
+    names = ["dead", "fresh-claim", "never-tried", "never-tried-recent", "retry-pending", "retry-lost", "sent"]
+    ledger.ensure("daily", SLOT, names)
+    # dead: claimed long ago by an execution that died; fresh-claim: claimed just now (alive).
+    old = ledger.claim("daily", SLOT, ["dead"], stale_after=60)
+    set_column(ledger, "claimed_at", now - timedelta(minutes=10), recipient="dead")
+    ledger.claim("daily", SLOT, ["fresh-claim"], stale_after=60)
+    # never-tried: queued, untouched for a while (its task was lost); never-tried-recent: just queued.
+    set_column(ledger, "updated_at", now - timedelta(minutes=5), recipient="never-tried")
+    # retry-pending: handed back after an attempt 5 minutes ago, its retry countdown may still be running;
+    # retry-lost: handed back half an hour ago, longer than any countdown.
+    for name, ago in (("retry-pending", 5), ("retry-lost", 30)):
+        claim = ledger.claim("daily", SLOT, [name], stale_after=60)
+        ledger.release(claim.token, "daily", SLOT, [name], "SMTP 451")
+        set_column(ledger, "updated_at", now - timedelta(minutes=ago), recipient=name)
+    sent = ledger.claim("daily", SLOT, ["sent"], stale_after=60)
+    ledger.mark_sent(sent.token, "daily", SLOT, ["sent"], "<id@x>", 1, 1)
+
+    found = ledger.stuck(
+        stale_before=now - timedelta(minutes=3), queued_before=now - timedelta(minutes=2), retry_before=now - timedelta(minutes=12)
+    )
+    assert {(s.recipient, s.dead, s.attempts) for s in found} == {("dead", True, 1), ("never-tried", False, 0), ("retry-lost", False, 1)}
+    assert old.token  # the dead execution's token no longer matters: the row is claimable by a new one
+    # Lost rows are stamped: the next sweep does not pick them up again straight away.
+    again = ledger.stuck(
+        stale_before=now - timedelta(minutes=3), queued_before=now - timedelta(minutes=2), retry_before=now - timedelta(minutes=12)
+    )
+    assert {s.recipient for s in again} == {"dead"}
+
+
+def test_skip_stuck_records_rows_of_a_removed_report_as_skipped(ledger: Ledger) -> None:
+    ledger.ensure("gone", SLOT, ["a@x", "b@x"])
+    claim = ledger.claim("gone", SLOT, ["b@x"], stale_after=60)
+    assert claim.mine == ("b@x",)
+    assert ledger.skip_stuck("gone", SLOT, ["a@x", "b@x"], "the report is no longer in the configuration") == 2
+    assert {(r.recipient, r.status) for r in ledger.rows(report="gone")} == {("a@x", "skipped"), ("b@x", "skipped")}
