@@ -365,6 +365,17 @@ def test_global_rate_limit_holds_across_workers_and_is_nearly_reached(
 # ----------------------------------------------------------------------------- time limits
 
 
+FINE_REPORT = """\
+  fine:
+    schedule: "0 7 * * *"
+    subject: "Fine"
+    template: simple.html
+    query: {datasource: warehouse, sql: "select region, amount from orders"}
+    recipients: [ben@example.com]
+"""
+"""A well-behaved report that must keep flowing while another one misbehaves."""
+
+
 HANG_DATA = """
 import time
 
@@ -379,7 +390,8 @@ def test_a_hanging_render_is_stopped_by_the_soft_limit_and_others_keep_flowing(
 ) -> None:
     project = make_project(yaml_text="placeholder")
     (project.root / "hang.py").write_text(HANG_DATA)
-    reports = """\
+    reports = (
+        """\
   hangs:
     schedule: "0 7 * * *"
     subject: "Hangs"
@@ -387,13 +399,9 @@ def test_a_hanging_render_is_stopped_by_the_soft_limit_and_others_keep_flowing(
     function: hang:forever
     recipients: [ann@example.com]
     max_retries: 0
-  fine:
-    schedule: "0 7 * * *"
-    subject: "Fine"
-    template: simple.html
-    query: {datasource: warehouse, sql: "select region, amount from orders"}
-    recipients: [ben@example.com]
 """
+        + FINE_REPORT
+    )
     project.config.write_text(project_yaml(project.root, reports, soft_time_limit=3, time_limit=6))
     env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
     worker = start_worker(env, concurrency=2)
@@ -432,7 +440,8 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
 ) -> None:
     project = make_project(yaml_text="placeholder")
     (project.root / "stubborn.py").write_text(STUBBORN_DATA)
-    reports = """\
+    reports = (
+        """\
   stubborn:
     schedule: "0 7 * * *"
     subject: "Stubborn"
@@ -441,13 +450,9 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
     recipients: [ann@example.com]
     owners: [owner@example.com]
     max_retries: 0
-  fine:
-    schedule: "0 7 * * *"
-    subject: "Fine"
-    template: simple.html
-    query: {datasource: warehouse, sql: "select region, amount from orders"}
-    recipients: [ben@example.com]
 """
+        + FINE_REPORT
+    )
     project.config.write_text(project_yaml(project.root, reports, soft_time_limit=2, time_limit=4))
     env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
     worker = start_worker(env, concurrency=2)
