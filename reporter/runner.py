@@ -131,7 +131,8 @@ def run_all(settings: Settings, concurrency: int) -> int:
         beat_cmd = [*celery, "beat", "--loglevel", "INFO", "-s", str(var_dir / "celerybeat-schedule")]
         children.append(("worker", subprocess.Popen(worker_cmd, env=env, start_new_session=True)))
         children.append(("beat", subprocess.Popen(beat_cmd, env=env, start_new_session=True)))
-        mail = f"SMTP {mask_url(settings.smtp_url)}" if settings.smtp_url else f"{settings.outbox.resolve()}/new (one .eml file per email)"
+        outbox = f"{settings.outbox.resolve()}/new (one message file per email; open it as an .eml)"
+        mail = f"SMTP {mask_url(settings.smtp_url)}" if settings.smtp_url else outbox
         click.echo(
             "\n".join(
                 [
