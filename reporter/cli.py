@@ -273,12 +273,19 @@ def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) ->
         fail(f"cannot reach the broker at {mask_url(rt.settings.broker_url)}: {exc}")
     click.echo(f"queued {report} for {at.isoformat()} on {defaults.QUEUE_URGENT}; waiting up to {wait}s", err=True)
     deadline = time.monotonic() + wait
+    rows: list[Any] = []
     while time.monotonic() < deadline:
         rows = rt.ledger.rows(report=report, slot=at)
         if rows and all(r.status in FINAL for r in rows if r.recipient in keys):
             return
         time.sleep(0.5)
-    click.echo(f"not finished after {wait}s: is a worker running (`reporter worker`)?", err=True)
+    tried = [r for r in rows if r.recipient in keys and r.attempts]
+    if tried:
+        # A worker took it and is retrying: say why, not "is a worker running?".
+        why = f"the workers keep retrying ({tried[0].error})"
+        click.echo(f"not finished after {wait}s: {why}; `reporter history {report}` shows the outcome", err=True)
+    else:
+        click.echo(f"not finished after {wait}s: no worker has taken it; is one running (`reporter worker`)?", err=True)
 
 
 @cli.command()
