@@ -66,17 +66,19 @@ def dispatch(
             continue
         zone = config.zone(report)
         mark = watermarks.get(name)
-        if mark is not None and mark < grace_start:
-            missed = slots_between(report.schedule, zone, max(mark, grace_start - SKIP_HORIZON), grace_start)
+        skip_from = max(mark, grace_start - SKIP_HORIZON) if mark is not None and mark < grace_start else grace_start
+        # One read of the ledger for everything this report's look-back needs, not one per slot.
+        recorded = ledger.slots_with_rows(name, min(skip_from, grace_start), start)
+        if skip_from < grace_start:
             keys = recipient_keys(report.recipients)
-            for slot in missed:
-                if not ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)):
+            for slot in slots_between(report.schedule, zone, skip_from, grace_start):
+                if slot not in recorded:
                     ledger.ensure(name, slot, keys)
                     ledger.mark_skipped(
                         name, slot, list(keys), "missed: the dispatcher did not run, and the slot is older than the catch-up grace"
                     )
         for slot in slots_between(report.schedule, zone, grace_start, start):
-            statuses = ledger.slots_with_rows(name, slot, slot + timedelta(microseconds=1)).get(slot)
+            statuses = recorded.get(slot)
             never_dispatched = statuses is None and mark is not None and slot >= mark
             lost = statuses == {L.QUEUED} and now - slot > LOST_AFTER
             if never_dispatched or lost:

@@ -222,7 +222,7 @@ def collect(broker_url: str, database_url: str, failures: int = 5, max_age: floa
     try:
         status.failures = ledger.rows(status="failed", limit=failures)
     finally:
-        ledger.engine.dispose()
+        ledger.dispose()
     return status
 
 

@@ -10,7 +10,6 @@ import email
 import email.policy
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,10 +17,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -111,17 +111,28 @@ class Inbox:
             return list(self.messages)
 
 
-@pytest.fixture
-def inbox() -> Iterator[Inbox]:
+InboxT = TypeVar("InboxT", bound=Inbox)
+
+
+@contextmanager
+def serving(box: InboxT) -> Iterator[InboxT]:
+    """Run an aiosmtpd server for BOX on its host and port while the block lasts."""
     from aiosmtpd.controller import Controller
 
-    from reporter.runner import free_port
-
-    box = Inbox("127.0.0.1", free_port())
     controller = Controller(box, hostname=box.host, port=box.port)
     controller.start()
-    yield box
-    controller.stop()
+    try:
+        yield box
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def inbox() -> Iterator[Inbox]:
+    from reporter.runner import free_port
+
+    with serving(Inbox("127.0.0.1", free_port())) as box:
+        yield box
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -252,18 +263,11 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-                self.proc.wait(timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+    def stop(self, timeout: float = 30) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL of the whole group, pool processes included."""
+        from reporter.runner import stop
+
+        stop(self.proc, self.name, timeout)
 
 
 @pytest.fixture
@@ -336,14 +340,10 @@ def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]
         return proc
 
     yield start
+    from reporter.runner import stop
+
     for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc, "beat", timeout=15)
 
 
 def run_cli(

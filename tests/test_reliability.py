@@ -29,7 +29,7 @@ from reporter import defaults
 from reporter.ledger import Ledger
 from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
-from tests.conftest import Inbox, Project, Worker
+from tests.conftest import Inbox, Project, Worker, serving
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,8 @@ class TimedInbox(Inbox):
 
 @pytest.fixture
 def timed_inbox() -> Iterator[TimedInbox]:
-    from aiosmtpd.controller import Controller
-
-    box = TimedInbox("127.0.0.1", free_port())
-    controller = Controller(box, hostname=box.host, port=box.port)
-    controller.start()
-    yield box
-    controller.stop()
+    with serving(TimedInbox("127.0.0.1", free_port())) as box:
+        yield box
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
