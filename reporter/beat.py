@@ -173,6 +173,7 @@ class Scheduler(beat.Scheduler):
 
     def close(self) -> None:
         if self._lock is not None and self._leading:
+            self._leading = False  # Celery may close a scheduler twice on the way out
             try:
                 self._lock.release()
                 log.info("beat released the leader lock")

@@ -224,6 +224,7 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
 def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync: bool, wait: int) -> None:
     """Send REPORT now: one line per recipient; exit 2 if a delivery failed."""
     from reporter import deliver
+    from reporter.mail import destination
 
     started = datetime.now(UTC)
     rt = obj.runtime(local_limiter=sync and not obj.settings.broker_url)
@@ -234,7 +235,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
     except ValueError as exc:
         fail(f"--to: {exc}")
     if sync:
-        click.echo(f"sending {report} for {at.isoformat()} via {rt.transport().describe()}", err=True)
+        click.echo(f"sending {report} for {at.isoformat()} via {destination(rt.settings.smtp_url, rt.settings.outbox)}", err=True)
         result = deliver.send_slot(rt, report, at, only=list(to) or None, trigger="manual")
         if result.retry:
             deliver.fail_for_good(rt, result, "send --sync does not retry; try again or send through the workers")

@@ -297,7 +297,7 @@ def record(
 def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
     """Retries are used up: record the released recipients as failed."""
     for recipient, error in list(result.retry.items()):
-        claim = rt.ledger.claim(result.report, result.slot, [recipient], rt.stale_after)
+        claim = rt.ledger.claim(result.report, result.slot, [recipient], rt.stale_after, attempt=False)
         del result.retry[recipient]
         if claim.mine:
             rt.ledger.mark_failed(claim.token, result.report, result.slot, claim.mine, f"{error} ({why})")

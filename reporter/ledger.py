@@ -224,10 +224,13 @@ class Ledger:
             return sqlite_insert(deliveries).on_conflict_do_nothing()
         return deliveries.insert().prefix_with("IGNORE")  # MySQL/MariaDB
 
-    def claim(self, report: str, slot: datetime, recipients: Sequence[str], stale_after: float, task_id: str | None = None) -> Claim:
+    def claim(
+        self, report: str, slot: datetime, recipients: Sequence[str], stale_after: float, task_id: str | None = None, attempt: bool = True
+    ) -> Claim:
         """Atomically take every claimable row of RECIPIENTS for this execution.
 
         Claimable: queued, or in flight with a claim older than STALE_AFTER seconds (its holder died).
+        ATTEMPT=False claims only to record an outcome (giving up), which is not another try.
         """
         token = uuid.uuid4().hex
         stamp = now()
@@ -243,7 +246,7 @@ class Ledger:
                     claim_token=token,
                     claimed_at=stamp,
                     updated_at=stamp,
-                    attempts=deliveries.c.attempts + 1,
+                    attempts=deliveries.c.attempts + (1 if attempt else 0),
                     task_id=task_id,
                 )
             )

@@ -94,6 +94,7 @@ class MaildirTransport:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)  # Maildir creates only the last folder
         self._box = mailbox.Maildir(str(path), create=True)
 
     def connect(self) -> None:
@@ -246,6 +247,15 @@ class SmtpTransport:
     def describe(self) -> str:
         s = self.settings
         return f"SMTP {'smtps' if s.ssl else 'smtp'}://{s.host}:{s.port}" + (" (STARTTLS)" if s.starttls else "")
+
+
+def destination(smtp_url: str | None, outbox: Path) -> str:
+    """Where mail goes, in words; a malformed SMTP URL raises ConfigError here, before any send."""
+    mailer = transport(smtp_url, outbox)
+    try:
+        return mailer.describe()
+    finally:
+        mailer.close()
 
 
 def transport(smtp_url: str | None, outbox: Path) -> Transport:

@@ -20,6 +20,7 @@ import click
 
 from reporter import defaults
 from reporter.errors import ReporterError
+from reporter.mail import destination
 from reporter.settings import Settings, mask_url
 
 STOP_TIMEOUT = 30.0
@@ -97,6 +98,9 @@ def run_all(settings: Settings, concurrency: int) -> int:
     var_dir.mkdir(parents=True, exist_ok=True)
     marker = var_dir / "broker.url"
     stopping = False
+    mail = destination(settings.smtp_url, settings.outbox)  # a bad SMTP URL stops us before anything starts
+    if not settings.smtp_url:
+        mail += " (one message file per email; open it as an .eml)"
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -131,8 +135,6 @@ def run_all(settings: Settings, concurrency: int) -> int:
         beat_cmd = [*celery, "beat", "--loglevel", "INFO", "-s", str(var_dir / "celerybeat-schedule")]
         children.append(("worker", subprocess.Popen(worker_cmd, env=env, start_new_session=True)))
         children.append(("beat", subprocess.Popen(beat_cmd, env=env, start_new_session=True)))
-        outbox = f"{settings.outbox.resolve()}/new (one message file per email; open it as an .eml)"
-        mail = f"SMTP {mask_url(settings.smtp_url)}" if settings.smtp_url else outbox
         click.echo(
             "\n".join(
                 [

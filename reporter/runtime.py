@@ -11,6 +11,7 @@ from reporter import config as config_mod
 from reporter import ratelimit
 from reporter.deliver import LogObserver, Observer, Runtime
 from reporter.ledger import Ledger
+from reporter.mail import destination
 from reporter.settings import Settings
 
 _cache: tuple[int, Runtime] | None = None
@@ -19,6 +20,7 @@ _cache: tuple[int, Runtime] | None = None
 def build(settings: Settings) -> Runtime:
     """A Runtime for SETTINGS; raises ConfigError if the config is invalid."""
     config = config_mod.load(settings.config_path, settings.environ, settings.templates_dir)
+    destination(settings.smtp_url, settings.outbox)  # refuse a malformed REPORTER_SMTP_URL now, not on every send
     observers: list[Observer] = [LogObserver(as_json=settings.log_json)]
     if settings.metrics_port is not None:
         from reporter.metrics import PrometheusObserver

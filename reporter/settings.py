@@ -92,16 +92,18 @@ def mask_url(url: str) -> str:
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
+        # A mistyped URL ('smtp//user:pw@host') still carries the password: the user starts after
+        # the last '/' before the '@'.
+        scheme, rest = "", url
     authority_end = len(rest.split("?", 1)[0].split("#", 1)[0])
     at = rest.rfind("@", 0, authority_end)
     if at == -1:
         return url
-    userinfo = rest[:at]
-    if ":" not in userinfo:
+    begin = 0 if sep else rest.rfind("/", 0, at) + 1
+    colon = rest.find(":", begin, at)
+    if colon == -1:
         return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***{rest[at:]}"
+    return f"{scheme}{sep}{rest[:colon]}:***{rest[at:]}"
 
 
 def scrub(text: str, *secrets: str | None) -> str:

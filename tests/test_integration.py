@@ -147,3 +147,19 @@ def test_send_now_goes_through_the_urgent_queue(
     assert later.returncode == 0, later.stderr
     assert re.search(r"^eve@example.com\tsent\t", later.stdout, re.M), later.stdout
     assert inbox.messages[-1]["X-Reporter-Slot"] == tomorrow
+
+
+def test_send_now_while_smtp_is_down_says_the_workers_are_retrying_and_why(
+    make_project: Callable[..., Project], fresh_redis: str, start_worker: Callable[..., Worker]
+) -> None:
+    from reporter.runner import free_port
+    from tests.conftest import run_cli
+
+    project = make_project(cron="0 7 * * *", recipients=["ann@example.com"])
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=f"smtp://127.0.0.1:{free_port()}")
+    start_worker(env)
+    done = run_cli("send", "regional", "--wait", "8", env=env)
+    assert done.returncode == 2, done.stderr
+    assert re.search(r"^ann@example.com\tqueued\tSMTP 127\.0\.0\.1:\d+ unreachable", done.stdout, re.M), done.stdout
+    assert "not finished after 8s: the workers keep retrying (SMTP 127.0.0.1:" in done.stderr
+    assert "is one running" not in done.stderr

@@ -461,3 +461,12 @@ def test_skip_stuck_records_rows_of_a_removed_report_as_skipped(ledger: Ledger) 
     assert claim.mine == ("b@x",)
     assert ledger.skip_stuck("gone", SLOT, ["a@x", "b@x"], "the report is no longer in the configuration") == 2
     assert {(r.recipient, r.status) for r in ledger.rows(report="gone")} == {("a@x", "skipped"), ("b@x", "skipped")}
+
+
+def test_a_claim_that_only_records_an_outcome_is_not_an_attempt(ledger: Ledger) -> None:
+    ledger.ensure("daily", SLOT, ["a@x"])
+    first = ledger.claim("daily", SLOT, ["a@x"], stale_after=60)
+    ledger.release(first.token, "daily", SLOT, ["a@x"], "SMTP 451")
+    giving_up = ledger.claim("daily", SLOT, ["a@x"], stale_after=60, attempt=False)
+    ledger.mark_failed(giving_up.token, "daily", SLOT, ["a@x"], "SMTP 451 (gave up)")
+    assert (one(ledger, "a@x").status, one(ledger, "a@x").attempts) == ("failed", 1)

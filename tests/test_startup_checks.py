@@ -46,3 +46,22 @@ def test_a_long_enough_visibility_timeout_is_used_and_redis_without_persistence_
         timeout=60,
     )
     assert done.stdout.strip() == "7200", done.stderr
+
+
+def test_a_malformed_smtp_url_is_refused_before_anything_starts(make_project: Callable[..., Project], fresh_redis: str) -> None:
+    project = make_project()
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL="smtp//bot:pw-s3cret@mail.example.com")
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "reporter.celery_app", "worker"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    run = subprocess.run([sys.executable, "-m", "reporter", "run"], env=env, cwd=project.root, capture_output=True, text=True, timeout=60)
+    for done in (worker, run):
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "REPORTER_SMTP_URL: must start with smtp:// or smtps://" in done.stderr
+        assert "Traceback" not in done.stderr and "pw-s3cret" not in done.stderr
+    assert "reporter run: started" not in run.stderr
