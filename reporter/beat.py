@@ -35,7 +35,7 @@ def _aware(value: datetime) -> datetime:
 
 
 class CronSchedule(schedules.BaseSchedule):
-    """A Celery schedule from a cron string evaluated in ZONE by croniter, like every report's."""
+    """A Celery schedule from a cron string evaluated in ZONE by reporter.schedule, like every report's."""
 
     def __init__(self, cron: str, zone: tzinfo, app: Any = None) -> None:
         super().__init__(app=app)
@@ -116,9 +116,7 @@ class Scheduler(beat.Scheduler):
 
         super().setup_schedule()
         config = runtime().config
-        self.merge_inplace({**builtin_entries(config), **entries(config)})
-        for name, entry in self.schedule.items():
-            log.info("beat entry %s: %s %r", name, entry.task, entry.schedule)
+        self._merge(config)
         self.lock_timeout = config.defaults.beat_lock_timeout
         # Renew well within the lease, and tick often enough to notice a lost lock quickly.
         self.max_interval: float = min(float(self.max_interval), self.lock_timeout / 3)
@@ -131,10 +129,40 @@ class Scheduler(beat.Scheduler):
         else:
             log.warning("broker is not Redis: no leader lock, so run exactly one beat yourself")
 
+    def _merge(self, config: Config) -> None:
+        """Make the schedule the YAML crontab of CONFIG (entries it no longer has are dropped)."""
+        self.merge_inplace({**builtin_entries(config), **entries(config)})
+        self._heap = None
+        for name, entry in self.schedule.items():
+            log.info("beat entry %s: %s %r", name, entry.task, entry.schedule)
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
+        self._follow()
         if not self._lead():
             return float(min(self.max_interval, self.lock_timeout / 3))
         return float(min(float(super().tick(*args, **kwargs)), self.max_interval))
+
+    def _follow(self) -> None:
+        """Apply an edited schedules.yaml: the crontab, and a dispatch for reports the current window lacks."""
+        from reporter.live import newly_due
+        from reporter.runtime import runtime
+
+        rt = runtime()
+        old = rt.config
+        if not rt.live or not rt.live.refresh():
+            return
+        new = rt.config
+        if entries(old) != entries(new):
+            self._merge(new)
+        added = newly_due(old, new)
+        found = dispatcher_cron(new)
+        if added and found and self._leading:
+            # The dispatcher covered this window before these reports existed: cover the rest of it for
+            # them now, so each is sent from its next slot rather than from the next window.
+            now = datetime.now(UTC)
+            kwargs = {"scheduled_for": isoformat(now), "window_end": isoformat(next_fire(found[0], found[1], now))}
+            log.info("beat: dispatching %s for the rest of this window (%s to %s)", ", ".join(added), *kwargs.values())
+            self.app.send_task(DISPATCH_TASK, kwargs={**kwargs, "reports": added, "config": new.version}, queue=defaults.QUEUE_SCHEDULED)
 
     def _lead(self) -> bool:
         """Keep or take the leadership; True if this beat may send now."""
@@ -153,7 +181,9 @@ class Scheduler(beat.Scheduler):
                         self._standby_logged = True
                     return False
                 self._become_leader()
-            self._lock.client.set(defaults.BEAT_TICK_KEY, json.dumps({"id": self._lock.owner, "at": datetime.now(UTC).isoformat()}))
+            self._lock.client.set(
+                defaults.BEAT_TICK_KEY, json.dumps({"id": self._lock.owner, "at": datetime.now(UTC).isoformat(), **self._config_state()})
+            )
             return True
         except RedisError as exc:
             # Without Redis we cannot know we still lead: send nothing until it answers again.
@@ -162,6 +192,19 @@ class Scheduler(beat.Scheduler):
             self._leading = False
             return False
 
+    def _config_state(self) -> dict[str, Any]:
+        """What `reporter status` shows of the configuration beat runs."""
+        from reporter.runtime import runtime
+
+        live = runtime().live
+        if live is None:
+            return {}
+        return {
+            "config": live.config.version,
+            "config_since": live.since.isoformat(timespec="seconds"),
+            "config_problems": [str(p) for p in live.problems],
+        }
+
     def _become_leader(self) -> None:
         self._leading, self._standby_logged = True, False
         log.info("beat leads%s: dispatching once now to catch up on missed slots", f" as {self._lock.owner}" if self._lock else "")
@@ -169,7 +212,9 @@ class Scheduler(beat.Scheduler):
         for entry in self.schedule.values():
             entry.last_run_at = now  # the catch-up dispatch covers the time this beat was not leading
         self._heap = None
-        self.app.send_task(DISPATCH_TASK, kwargs={}, queue=defaults.QUEUE_SCHEDULED)
+        from reporter.runtime import runtime
+
+        self.app.send_task(DISPATCH_TASK, kwargs={"config": runtime().config.version}, queue=defaults.QUEUE_SCHEDULED)
 
     def close(self) -> None:
         if self._lock is not None and self._leading:
@@ -187,9 +232,12 @@ class Scheduler(beat.Scheduler):
             sched = entry.schedule
             fired = latest_fire(sched.cron, sched.zone, datetime.now(UTC))
             entry = copy.copy(entry)
+            from reporter.runtime import runtime
+
             entry.kwargs = {
                 **entry.kwargs,
                 "scheduled_for": isoformat(fired),
                 "window_end": isoformat(next_fire(sched.cron, sched.zone, fired)),
+                "config": runtime().config.version,
             }
         return super().apply_async(entry, producer, advance, **kwargs)

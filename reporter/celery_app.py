@@ -10,20 +10,21 @@ from celery import Celery, signals
 from kombu.entity import Exchange, Queue
 
 from reporter import defaults
-from reporter.errors import ConfigError, Problem
+from reporter.errors import ConfigError, Problem, ReporterError
 from reporter.settings import Settings, is_redis_url, redis_client_url
 
 log = logging.getLogger(__name__)
 
 try:
     settings = Settings.from_env()
-except ConfigError as _exc:
+    _broker_url = settings.broker.require()  # the same rule as every `reporter` command
+except ReporterError as _exc:
     print(f"reporter: {_exc}", file=sys.stderr)
     raise SystemExit(1) from None
 
 app = Celery("reporter", include=["reporter.tasks"])
 app.conf.update(
-    broker_url=settings.broker_url or "redis://127.0.0.1:6379/0",
+    broker_url=_broker_url,
     broker_connection_retry_on_startup=True,
     # JSON only: no pickle, so a message can never run code it carries.
     task_serializer="json",
@@ -124,6 +125,8 @@ def _load_or_exit() -> None:
     except ConfigError as exc:
         print(f"reporter: invalid configuration, not starting:\n{exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     for warning in broker_warnings(str(app.conf.broker_url)):
         log.warning("%s", warning)
 
@@ -151,7 +154,9 @@ def _beat_init(**_: Any) -> None:
 def _child_init(**_: Any) -> None:
     from reporter.runtime import reset
 
-    reset()  # database engines and Redis connections must not be shared across the fork
+    # Database engines and Redis connections must not be shared across the fork; the configuration is
+    # kept, so a child forked while schedules.yaml holds a broken edit runs the last good version.
+    reset(keep_config=True)
 
 
 _metrics_endpoint: Any = None

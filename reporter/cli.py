@@ -5,7 +5,6 @@ Exit codes: 0 done, 1 bad input (a clear message, no traceback), 2 a delivery fa
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from reporter import defaults
-from reporter.errors import ConfigError, ReporterError
+from reporter.errors import BrokerUnavailable, ConfigError, ReporterError
 from reporter.settings import Settings, mask_url
 
 EXIT_OK, EXIT_INPUT, EXIT_DELIVERY = 0, 1, 2
@@ -32,9 +31,10 @@ class Context:
         self.settings = settings
 
     def config(self) -> Any:
-        from reporter import config
+        """The config, if it passes every check `reporter validate` makes; else ConfigError."""
+        from reporter.checks import load_checked
 
-        return config.load(self.settings.config_path, self.settings.environ, self.settings.templates_dir)
+        return load_checked(self.settings.config_path, self.settings.environ, self.settings.templates_dir)
 
     def runtime(self, local_limiter: bool = False) -> Any:
         from reporter import ratelimit, runtime
@@ -108,26 +108,30 @@ def cli(ctx: click.Context, config_path: Path | None) -> None:
         settings = Settings.from_env()
     except ConfigError as exc:
         fail(str(exc))
+    for warning in settings.warnings:
+        click.echo(f"reporter: warning: {warning}", err=True)
     if config_path is not None:
-        templates = (
-            settings.templates_dir if settings.environ.get("REPORTER_TEMPLATES") else config_path.parent / defaults.TEMPLATES_DIRNAME
-        )
-        settings = dataclasses.replace(settings, config_path=config_path, templates_dir=templates)
+        settings = settings.with_config(config_path)
     ctx.obj = Context(settings)
 
 
 @cli.command()
+@click.option("--connect", is_flag=True, help="also open each datasource and the SMTP server, and say which answer")
 @click.pass_obj
 @handles_errors
-def validate(obj: Context) -> None:
-    """Check the config and its templates; print every problem, exit 1 if any."""
-    from reporter.render import Renderer
-
+def validate(obj: Context, connect: bool) -> None:
+    """Check the config, templates, data functions and URLs; print every problem, exit 1 if any."""
     config = obj.config()
-    problems = Renderer(config).problems()
-    if problems:
-        raise ConfigError(problems)
     click.echo(f"OK: {len(config.reports)} reports, {len(config.beat)} beat entries ({obj.settings.config_path})")
+    if connect:
+        from reporter.checks import connect_problems
+
+        reached = connect_problems(config, obj.settings)
+        for reach in reached:
+            click.echo(str(reach))
+        silent = [r for r in reached if r.problem]
+        if silent:
+            fail(f"{len(silent)} of {len(reached)} did not answer")
 
 
 @cli.command("list")
@@ -185,9 +189,11 @@ def next_(obj: Context, report: str | None, count: int) -> None:
 @click.pass_obj
 @handles_errors
 def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
-    """Render REPORT to html, txt, pdf and csv files; sends nothing."""
-    from reporter.render import Renderer, to_csv
+    """Render REPORT to html, txt, pdf, csv and xlsx files; sends nothing."""
+    from reporter.charts import for_pdf
+    from reporter.render import Renderer
     from reporter.schedule import latest_fire
+    from reporter.sheets import to_csv, to_xlsx
 
     config = obj.config()
     spec = config.report(report)
@@ -198,11 +204,14 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
     rendered = renderer.render_table(report, at, table_)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{report}-{at.astimezone(zone).strftime('%Y-%m-%d_%H%M')}"
+    # The files show the charts inline (SVG data: URLs); the email carries them as cid: PNG parts.
+    html = for_pdf(rendered.html, report, rendered.charts)
     files = {
-        ".html": rendered.html.encode(),
+        ".html": html.encode(),
         ".txt": rendered.text.encode(),
-        ".pdf": rendered.pdf if rendered.pdf is not None else renderer.pdf(rendered.html),
-        ".csv": rendered.csv if rendered.csv is not None else to_csv(table_),
+        ".pdf": rendered.pdf if rendered.pdf is not None else renderer.pdf(html),
+        ".csv": rendered.csv if rendered.csv is not None else to_csv(table_, config.csv_bom_of(spec)),
+        ".xlsx": rendered.xlsx if rendered.xlsx is not None else to_xlsx(table_, zone, report),
     }
     click.echo(f"subject: {rendered.subject}")
     click.echo(f"slot:    {at.astimezone(zone).isoformat()} ({rendered.row_count} rows)")
@@ -216,22 +225,36 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
 @cli.command()
 @click.argument("report")
 @click.option("--to", "to", multiple=True, help="send to this address instead of the report's recipients (repeatable)")
-@click.option("--slot", help="the slot to send (ISO) [default: now]; a slot already sent is not sent again")
+@click.option(
+    "--slot",
+    help="the slot to send (ISO; naive means the report's zone) [default: the latest scheduled]; a slot already sent is not sent again",
+)
+@click.option("--now", "now_", is_flag=True, help="send an ad-hoc slot named after the current time (to the second), not a scheduled one")
 @click.option("--sync", is_flag=True, help="render and send in this process instead of through the urgent queue")
 @click.option("--wait", type=click.IntRange(0), default=defaults.SEND_WAIT, show_default=True, help="seconds to wait for the workers")
 @click.pass_obj
 @handles_errors
-def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync: bool, wait: int) -> None:
-    """Send REPORT now: one line per recipient; exit 2 if a delivery failed."""
+def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_: bool, sync: bool, wait: int) -> None:
+    """Send REPORT now (its latest scheduled slot by default): one line per recipient; exit 2 if a delivery failed."""
     from reporter import deliver
+    from reporter.audience import audience
     from reporter.mail import destination
+    from reporter.schedule import latest_fire
 
+    if slot is not None and now_:
+        fail("give --slot or --now, not both")
     started = datetime.now(UTC)
-    rt = obj.runtime(local_limiter=sync and not obj.settings.broker_url)
+    # --sync shares the workers' rate limit only on a broker they are known to use.
+    rt = obj.runtime(local_limiter=sync and not obj.settings.broker.shared)
     spec = rt.config.report(report)
-    at = parse_slot(slot, rt.config.zone(spec)) or datetime.now(UTC).replace(microsecond=0)
+    zone = rt.config.zone(spec)
+    at = parse_slot(slot, zone)
+    if at is None:
+        at = started.replace(microsecond=0) if now_ else latest_fire(spec.schedule, zone, started)
+    chosen = "as given" if slot else "ad hoc, --now" if now_ else "the latest scheduled; --now for an ad-hoc one"
+    click.echo(f"slot {at.astimezone(zone).isoformat()} ({chosen})", err=True)
     try:
-        targets = deliver.recipient_keys(list(to)) if to else deliver.recipient_keys(spec.recipients)
+        targets = audience(spec, list(to) or None).keys()
     except ValueError as exc:
         fail(f"--to: {exc}")
     if sync:
@@ -246,6 +269,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
         _send_async(rt, report, at, list(to), wait)
     rows = {r.recipient: r for r in rt.ledger.rows(report=report, slot=at)}
     failed = False
+    already = 0
     for key in targets:
         row = rows.get(key)
         status = row.status if row else "unknown"
@@ -253,25 +277,42 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, sync:
         detail = row.message_id if row and status == "sent" else (row.error if row else "") or ""
         if row and row.sent_at and row.sent_at < started:
             status, detail = "already-sent", f"{row.message_id} at {row.sent_at.isoformat()}"
+            already += 1
         click.echo(f"{key}\t{status}\t{detail}")
+    if already and not now_:
+        click.echo("a slot is sent once per recipient; `--now` sends an ad-hoc slot named after the current time", err=True)
     sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
 
 
 def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) -> None:
-    from reporter.deliver import recipient_keys
+    from reporter.audience import audience
     from reporter.dispatch import Due
     from reporter.ledger import FINAL
+    from reporter.status import ping
 
-    if not rt.settings.broker_url:
-        fail("no broker: set REPORTER_BROKER_URL, start `reporter run` in another terminal, or use --sync")
+    broker = rt.settings.broker
+    try:
+        url = broker.require()
+    except ReporterError as exc:
+        fail(f"{exc}; or use --sync")
+    try:
+        # Ask first, so that a send nobody will take is neither queued nor waited for.
+        answered = ping(url)
+    except ReporterError as exc:
+        fail(f"{exc}; {broker.advice()}; or use --sync")
+    if not answered:
+        fail(
+            f"no worker answers on the broker {mask_url(broker.url or '')}: start `reporter run` (or `reporter worker`) "
+            "in another terminal, or use --sync to send from this process"
+        )
     from reporter.tasks import enqueue_send
 
-    keys = list(recipient_keys(to or list(rt.config.reports[report].recipients)))
+    keys = audience(rt.config.reports[report], to or None).keys()
     rt.ledger.ensure(report, at, keys, trigger="manual")
     try:
         enqueue_send(rt, Due(report, at), queue=defaults.QUEUE_URGENT, only=to or None, trigger="manual")
     except Exception as exc:  # noqa: BLE001 - kombu raises many kinds when the broker is down
-        fail(f"cannot reach the broker at {mask_url(rt.settings.broker_url)}: {exc}")
+        fail(f"{rt.settings.broker.unreachable(exc)}; or use --sync")
     click.echo(f"queued {report} for {at.isoformat()} on {defaults.QUEUE_URGENT}; waiting up to {wait}s", err=True)
     deadline = time.monotonic() + wait
     rows: list[Any] = []
@@ -311,17 +352,31 @@ def history(obj: Context, report: str | None, status: str | None, limit: int, up
         return
     click.echo(
         table(
-            ["SLOT (UTC)", "REPORT", "RECIPIENT", "STATUS", "TRIES", "SENT AT (UTC)", "MS", "BYTES", "MESSAGE-ID / ERROR"],
+            [
+                "SLOT (UTC)",
+                "REPORT",
+                "RECIPIENT",
+                "STATUS",
+                "TRIES",
+                "SENT AT (UTC)",
+                "WAIT MS",
+                "SMTP MS",
+                "BYTES",
+                "CONFIG",
+                "MESSAGE-ID / ERROR",
+            ],
             [
                 [
-                    r.slot.strftime("%Y-%m-%d %H:%M"),
+                    slot_text(r.slot),
                     r.report,
                     r.recipient,
                     r.status,
                     r.attempts,
                     r.sent_at.strftime("%Y-%m-%d %H:%M:%S") if r.sent_at else "",
+                    r.wait_ms,
                     r.duration_ms,
                     r.size_bytes,
+                    r.config_version,
                     (r.error or r.message_id or "").replace("\n", " ")[:100],
                 ]
                 for r in rows
@@ -330,12 +385,18 @@ def history(obj: Context, report: str | None, status: str | None, limit: int, up
     )
 
 
+def slot_text(slot: datetime) -> str:
+    """A slot to the minute, or to the second when it is not on a whole minute (an ad-hoc `send --now`)."""
+    return slot.strftime("%Y-%m-%d %H:%M:%S" if slot.second or slot.microsecond else "%Y-%m-%d %H:%M")
+
+
 def _broker(settings: Settings) -> str:
-    return settings.broker_url or "redis://127.0.0.1:6379/0"  # celery_app's default too
+    return settings.broker.require()  # the one rule, as celery_app uses it
 
 
-def _verdict(check: Any) -> NoReturn:
-    click.echo(("ok: " if check.ok else "unhealthy: ") + check.reason, err=not check.ok)
+def _verdict(check: Any, settings: Settings | None = None) -> NoReturn:
+    reason = f"{check.reason}; {settings.broker.advice()}" if settings is not None and check.broker_down else check.reason
+    click.echo(("ok: " if check.ok else "unhealthy: ") + reason, err=not check.ok)
     sys.exit(EXIT_OK if check.ok else EXIT_INPUT)
 
 
@@ -353,7 +414,7 @@ def health_worker(obj: Context, nodes: tuple[str, ...], timeout: float) -> None:
     """Does this host's worker answer `celery inspect ping`?"""
     from reporter.status import worker_health
 
-    _verdict(worker_health(_broker(obj.settings), list(nodes), timeout=timeout))
+    _verdict(worker_health(_broker(obj.settings), list(nodes), timeout=timeout), obj.settings)
 
 
 @health.command("beat")
@@ -364,7 +425,7 @@ def health_beat(obj: Context, max_age: float) -> None:
     """Has the leading beat ticked within --max-age seconds (its heartbeat in the broker)?"""
     from reporter.status import beat_health
 
-    _verdict(beat_health(_broker(obj.settings), max_age))
+    _verdict(beat_health(_broker(obj.settings), max_age), obj.settings)
 
 
 @health.command("flower")
@@ -373,10 +434,9 @@ def health_beat(obj: Context, max_age: float) -> None:
 @handles_errors
 def health_flower(obj: Context, port: int | None) -> None:
     """Does Flower on this host answer its /healthcheck?"""
-    from reporter.status import FLOWER_PORT, flower_health
+    from reporter.status import flower_health
 
-    env_port = obj.settings.environ.get("FLOWER_PORT", "")
-    _verdict(flower_health(port or (int(env_port) if env_port.isdigit() else FLOWER_PORT)))
+    _verdict(flower_health(port or obj.settings.flower_port))
 
 
 @cli.command()
@@ -388,9 +448,18 @@ def status(obj: Context, failures: int, as_json: bool) -> None:
     """Workers that answer, the beat that leads and its last tick, queue depths, the latest failures."""
     import json
 
+    from reporter.live import load_checked
     from reporter.status import collect, render
 
-    found = collect(_broker(obj.settings), obj.settings.database_url, failures=failures)
+    broker = _broker(obj.settings)
+    try:
+        found = collect(broker, obj.settings.database_url, failures=failures)
+    except BrokerUnavailable as exc:
+        fail(f"{exc}; {obj.settings.broker.advice()}")
+    try:
+        found.disk_version = load_checked(obj.settings).version
+    except ConfigError as exc:
+        found.disk_problems = [str(p) for p in exc.problems]
     click.echo(json.dumps(found.as_dict(), default=str) if as_json else render(found))
 
 

@@ -4,28 +4,37 @@ Loading happens in three passes so one mistake never hides another:
 1. YAML to plain data, remembering the line of every key and value (duplicate keys are errors);
 2. ``${VAR}`` expansion from the environment;
 3. the pydantic model, then checks across fields (datasources, templates, crons, time limits).
+
+The YAML itself is read by reporter.yamldoc, with bounded effort. What needs more than the file
+(templates compiled, data functions imported) is in reporter.checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
+import hashlib
 import ipaddress
+import math
 import re
 import zoneinfo
 from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
-import yaml
+import email_validator
 from email_validator import EmailNotValidError, validate_email
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from reporter import defaults as dflt
 from reporter.errors import ConfigError, Problem
 from reporter.schedule import cron_problem
-
-Path_ = tuple[str | int, ...]
+from reporter.yamldoc import Path_, read_yaml
+from reporter.yamldoc import dotted as _dotted
 
 KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.sweep")
 """Task names a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
@@ -35,34 +44,27 @@ RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
 LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 HOST_RE = re.compile(rf"^(?:\*\.)?{LABEL}(?:\.{LABEL})*$")
+PLAIN_ADDRESS_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+")
+
+# email-validator refuses special-use domains (.local, localhost, .test, .internal's kin) because its
+# usual input is a stranger's sign-up form. Ours is the operator's own config and command line, and
+# company relays deliver to such domains every day: whether a mailbox exists is the mail server's call.
+# Emptying this list is the library's documented switch for it (its README, "Test addresses").
+email_validator.SPECIAL_USE_DOMAIN_NAMES.clear()
 
 
 # --------------------------------------------------------------------------- the model
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7))
+    # allow_inf_nan=False: `.inf` or `.nan` as a time limit, size or count is a mistake, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _valid_cron(value: str) -> str:
     if (why := cron_problem(value)) is not None:
-        raise ValueError(why + _cron_detail(value))
+        raise ValueError(why)
     return value
-
-
-def _cron_detail(value: str) -> str:
-    """'; hour 25 is out of range 0-23' for the first out-of-range number, so the user knows what to fix."""
-    fields = value.split()
-    if len(fields) != len(CRON_FIELDS):
-        return ""
-    for text, (name, low, high) in zip(fields, CRON_FIELDS, strict=True):
-        for number in re.findall(r"(?<![/\d])\d+", text):  # not step sizes such as the 15 in */15
-            if not low <= int(number) <= high:
-                return f"; {name} {number} is out of range {low}-{high}"
-    return ""
 
 
 def _byte_size(value: Any) -> Any:
@@ -73,7 +75,10 @@ def _byte_size(value: Any) -> Any:
     if not match:
         raise ValueError(f"{value!r} is not a size; write bytes (10000000) or a size such as '10 MB' or '500 kB'")
     unit = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[match.group(2) or "B"]
-    return int(float(match.group(1)) * unit)
+    size = float(match.group(1)) * unit
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is too large to be a size")
+    return int(size)
 
 
 def _valid_zone(value: str) -> str:
@@ -124,6 +129,13 @@ def _valid_host(value: str) -> str:
     return host
 
 
+def _valid_unsubscribe_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname or any(c.isspace() or c in "<>," for c in value):
+        raise ValueError(f"{value!r} is not an https:// URL; one-click unsubscribe (RFC 8058) needs https")
+    return value
+
+
 def _non_empty(value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
         raise ValueError("is empty; list at least one address")
@@ -138,6 +150,7 @@ Host = Annotated[str, AfterValidator(_valid_host)]
 Rows = Annotated[int, Field(gt=0)]
 Bytes = Annotated[int, Field(gt=0), BeforeValidator(_byte_size)]
 Seconds = Annotated[float, Field(gt=0)]
+HttpsUrl = Annotated[str, AfterValidator(_valid_unsubscribe_url)]
 
 
 class Defaults(_Model):
@@ -152,6 +165,10 @@ class Defaults(_Model):
     """Rows shown in the HTML body, text part and PDF; the CSV has them all."""
     max_attachment_bytes: Bytes = dflt.MAX_ATTACHMENT_BYTES
     query_timeout: Seconds = dflt.QUERY_TIMEOUT
+    csv_bom: bool = True
+    unsubscribe_url: HttpsUrl | None = None
+    """An https URL for one-click unsubscribe (List-Unsubscribe-Post); without one, mailto: the owners."""
+    """Start CSV attachments with a UTF-8 byte order mark, so Excel reads them as UTF-8."""
     pdf_allowed_hosts: tuple[Host, ...] = ()
     """http(s) hosts a PDF may load images and stylesheets from (public addresses only)."""
     beat_lock_timeout: Annotated[float, Field(ge=5, le=600)] = dflt.BEAT_LOCK_TIMEOUT
@@ -175,7 +192,60 @@ class Query(_Model):
     params: dict[str, Any] = {}
 
 
-Format = Literal["html", "pdf", "csv"]
+Format = Literal["html", "pdf", "csv", "xlsx"]
+
+D3_FORMAT_RE = re.compile(r"[^{}]?[<>=^]?[-+( ]?[$#]?0?\d*,?(?:\.\d+)?~?[%bcdeEfgGnoprsxX]?")
+
+
+def _valid_d3_format(value: str) -> str:
+    if not D3_FORMAT_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a d3 number format such as ',.2f' (1,234.50), '.0%' or '$,.0f'")
+    return value
+
+
+def _valid_axis_format(value: str) -> str:
+    """A d3 number format, or a d3 time format such as '%d %b' for a time axis."""
+    if "%" in value and re.fullmatch(r"(?:[^%]|%[-_0]?[a-zA-Z%])*", value) and not D3_FORMAT_RE.fullmatch(value):
+        return value
+    return _valid_d3_format(value)
+
+
+def _no_outside_references(value: dict[str, Any]) -> dict[str, Any]:
+    from reporter.charts import outside_references  # charts imports this module's Chart
+
+    if "data" in value and value["data"] != {}:
+        raise ValueError("must not have 'data': reporter puts the report's rows in")
+    found = list(outside_references(value))
+    if found:
+        raise ValueError(f"would load from outside ({', '.join(found)}); a chart may only show the report's rows")
+    return value
+
+
+class Chart(_Model):
+    """A chart over the report's rows: a simple declaration, or a whole Vega-Lite spec."""
+
+    type: Literal["bar", "line", "area", "pie"] | None = None
+    title: str | None = None
+    x: str | None = None
+    """The field along the x axis (for a pie: the field that names each slice)."""
+    y: str | None = None
+    """The number field (for a pie: the size of each slice)."""
+    aggregate: Literal["sum", "mean", "median", "min", "max", "count", "none"] = "sum"
+    """How rows with the same x (and series) become one value."""
+    series: str | None = None
+    """A field that splits the data into coloured series."""
+    stack: bool = True
+    """Bars and areas of several series: stacked (true) or side by side (false)."""
+    x_type: Literal["nominal", "ordinal", "quantitative", "temporal"] | None = None
+    x_title: str | None = None
+    y_title: str | None = None
+    series_title: str | None = None
+    x_format: Annotated[str, AfterValidator(_valid_axis_format)] | None = None
+    y_format: Annotated[str, AfterValidator(_valid_d3_format)] | None = None
+    width: Annotated[int, Field(ge=50, le=2000)] = 520
+    height: Annotated[int, Field(ge=50, le=2000)] = 220
+    vega_lite: Annotated[dict[str, Any], AfterValidator(_no_outside_references)] | None = None
+    """A whole Vega-Lite spec (without data) for anything the simple keys do not cover."""
 
 
 class Report(_Model):
@@ -201,6 +271,9 @@ class Report(_Model):
     max_attachment_bytes: Bytes | None = None
     query_timeout: Seconds | None = None
     description: str | None = None
+    csv_bom: bool | None = None
+    unsubscribe_url: HttpsUrl | None = None
+    charts: dict[str, Chart] = {}
 
     @field_validator("formats")
     @classmethod
@@ -220,6 +293,28 @@ class Config(_Model):
     _source: Path = PrivateAttr(default=Path(dflt.CONFIG_PATH))
     _templates_dir: Path = PrivateAttr(default=Path(dflt.TEMPLATES_DIRNAME))
     _lines: dict[Path_, int] = PrivateAttr(default_factory=dict)
+    _templates: dict[str, str] = PrivateAttr(default_factory=dict)
+    _version: str = PrivateAttr(default="")
+    _text: str = PrivateAttr(default="")
+
+    @property
+    def text(self) -> str:
+        """The text of the config file this config was parsed from."""
+        return self._text
+
+    @property
+    def version(self) -> str:
+        """The content hash of schedules.yaml and the templates this config was loaded with."""
+        return self._version
+
+    @property
+    def templates(self) -> Mapping[str, str]:
+        """The text templates as they were when this config was loaded (name relative to templates_dir -> text).
+
+        Rendering uses these, not the files, so a template edited after a config was loaded never mixes
+        with it: an edit takes effect as part of a new version, once that version has passed every check.
+        """
+        return self._templates
 
     @property
     def source(self) -> Path:
@@ -266,6 +361,12 @@ class Config(_Model):
     def attachment_cap_of(self, report: Report) -> int:
         return report.max_attachment_bytes or self.defaults.max_attachment_bytes
 
+    def unsubscribe_url_of(self, report: Report) -> str | None:
+        return report.unsubscribe_url or self.defaults.unsubscribe_url
+
+    def csv_bom_of(self, report: Report) -> bool:
+        return self.defaults.csv_bom if report.csv_bom is None else report.csv_bom
+
     def query_timeout_of(self, report: Report) -> float:
         return report.query_timeout or self.defaults.query_timeout
 
@@ -276,40 +377,126 @@ class Config(_Model):
 # --------------------------------------------------------------------------- loading
 
 
+@dataclass(frozen=True)
+class Draft:
+    """A config file as far as it could be read: its data (after ${VAR} expansion; None if the file is
+    not a YAML mapping), the line of every field, the problems found, and the Config if there are none."""
+
+    file: str
+    templates_dir: Path
+    data: dict[str, Any] | None
+    lines: dict[Path_, int]
+    problems: list[Problem]
+    config: Config | None
+    templates: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The text templates read with the file (what the config renders with)."""
+
+    def line_of(self, *loc: str | int) -> int | None:
+        """The line where the field at LOC (or its nearest parent) is written."""
+        while loc and loc not in self.lines:
+            loc = loc[:-1]
+        return self.lines.get(loc)
+
+
 def load(path: Path, environ: Mapping[str, str], templates_dir: Path | None = None) -> Config:
     """Read, expand and validate PATH. Raises ConfigError listing every problem found."""
+    return _valid(read(path, environ, templates_dir))
+
+
+def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path, templates: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML TEXT (named FILE in messages). Raises ConfigError listing every problem found.
+
+    TEMPLATES are the text templates read with it (by default, read from TEMPLATES_DIR now): the
+    config renders with these, and its version is the hash of TEXT and them.
+    """
+    return _valid(draft(text, file, environ, templates_dir, templates))
+
+
+def _valid(found: Draft) -> Config:
+    if found.problems or found.config is None:
+        raise ConfigError(_sorted(found.problems))
+    return found.config
+
+
+def read(path: Path, environ: Mapping[str, str], templates_dir: Path | None = None) -> Draft:
+    """Read PATH into a Draft: as much of it as can be read, and every problem found on the way."""
     file = str(path)
+    templates = templates_dir or path.parent / dflt.TEMPLATES_DIRNAME
+
+    def unreadable(message: str) -> Draft:
+        return Draft(file, templates, None, {}, [Problem(file, None, "", message)], None)
+
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError([Problem(file, None, "", "file not found; set REPORTER_CONFIG or run from the folder that has it")]) from None
+        return unreadable("file not found; set REPORTER_CONFIG or run from the folder that has it")
     except OSError as exc:
-        raise ConfigError([Problem(file, None, "", f"cannot read: {exc.strerror}")]) from None
+        return unreadable(f"cannot read: {exc.strerror}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError([Problem(file, None, "", "not a UTF-8 text file; is this the right file?")]) from None
+        return unreadable("not a UTF-8 text file; is this the right file?")
     if "\x00" in text:
-        raise ConfigError([Problem(file, None, "", "contains NUL bytes; not a YAML text file")])
-    return parse(text, file, environ, templates_dir or path.parent / dflt.TEMPLATES_DIRNAME)
+        return unreadable("contains NUL bytes; not a YAML text file")
+    return draft(text, file, environ, templates, read_templates(templates))
 
 
-def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path) -> Config:
-    """Validate YAML TEXT (named FILE in messages). Raises ConfigError listing every problem found."""
-    problems: list[Problem] = []
-    data, lines = _read_yaml(text, file)
+MAX_TEMPLATE_BYTES = 1_000_000
+"""A file in the templates folder larger than this is not a template (it stays on disk, e.g. for a PDF image)."""
+
+MAX_TEMPLATE_FILES = 5_000
+"""Files read from the templates folder at most: a folder pointed at by mistake is not read whole."""
+
+
+def read_templates(folder: Path) -> dict[str, str]:
+    """Every UTF-8 text file under FOLDER (hidden ones aside), by its path relative to FOLDER."""
+    out: dict[str, str] = {}
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        try:
+            if path.stat().st_size > MAX_TEMPLATE_BYTES:
+                continue
+            out[relative.as_posix()] = path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # images and other binary files are read from disk by the PDF renderer
+        if len(out) >= MAX_TEMPLATE_FILES:
+            break
+    return out
+
+
+def template_key(name: str) -> str | None:
+    """NAME as a key of `Config.templates` ('./a//b.html' -> 'a/b.html'); None if it climbs out with '..'."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    return None if ".." in parts else "/".join(parts)
+
+
+def version_of(raw: bytes, templates: Mapping[str, str]) -> str:
+    """A short content hash of the config file's bytes and the templates: the configuration's version."""
+    digest = hashlib.sha256(raw)
+    for name in sorted(templates):
+        digest.update(b"\x00" + name.encode() + b"\x00" + templates[name].encode())
+    return digest.hexdigest()[:12]
+
+
+def draft(text: str, file: str, environ: Mapping[str, str], templates_dir: Path, templates: Mapping[str, str] | None = None) -> Draft:
+    """Validate YAML TEXT (named FILE in messages) into a Draft; never raises ConfigError.
+    TEMPLATES: as for `parse`."""
+    templates = read_templates(templates_dir) if templates is None else dict(templates)
+    try:
+        data, lines, problems, broken = read_yaml(text, file)
+    except ConfigError as exc:
+        return Draft(file, templates_dir, None, {}, exc.problems, None, templates)
+    if () in broken:
+        return Draft(file, templates_dir, None, lines, _sorted(problems), None, templates)
     if not isinstance(data, dict):
         kind = "empty" if data is None else ("a list" if isinstance(data, list) else "a single plain value") + ", not a mapping"
-        raise ConfigError(
-            [
-                Problem(
-                    file,
-                    lines.get((), 1) if data is not None else None,
-                    "",
-                    f"the document is {kind}; expected a mapping with at least 'reports:'",
-                )
-            ]
-        )
+        line = lines.get((), 1) if data is not None else None
+        problem = Problem(file, line, "", f"the document is {kind}; expected a mapping with at least 'reports:'")
+        return Draft(file, templates_dir, None, lines, [*problems, problem], None, templates)
     data = _expand(data, (), environ, file, lines, problems)
 
     def line_of(loc: Path_) -> int | None:
@@ -317,95 +504,23 @@ def parse(text: str, file: str, environ: Mapping[str, str], templates_dir: Path)
             loc = loc[:-1]
         return lines.get(loc)
 
-    problems.extend(_check(data, file, line_of, templates_dir))
+    problems.extend(_check(data, file, line_of, templates_dir, templates))
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
-            problems.append(Problem(file, line_of(loc), _dotted(loc), _message(err, loc)))
-    if problems:
-        raise ConfigError(_sorted(problems))
-    config._source = Path(file)
-    config._templates_dir = templates_dir
-    config._lines = lines
-    return config
-
-
-class _LineLoader(yaml.SafeLoader):
-    """Safe loader; we walk its node tree ourselves to keep the line of every key."""
-
-
-def _read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
-    lines: dict[Path_, int] = {}
-    try:
-        loader = _LineLoader(text)
-        try:
-            node = loader.get_single_node()
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        what = exc.problem or exc.context or "invalid YAML"
-        if exc.context and exc.problem and exc.context_mark and exc.context_mark.line + 1 != line:
-            what = f"{exc.problem} ({exc.context} that starts on line {exc.context_mark.line + 1})"
-        raise ConfigError([Problem(file, line, "", f"YAML syntax error: {what}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([Problem(file, None, "", f"YAML error: {exc}")]) from None
-    if node is None:
-        return None, lines
-    problems: list[Problem] = []
-    constructor = _LineLoader("")
-
-    def walk(n: yaml.Node, path: Path_, depth: int) -> Any:
-        lines.setdefault(path, n.start_mark.line + 1)
-        if depth > 50:
-            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), "nested too deeply"))
-            return None
-        if isinstance(n, yaml.MappingNode):
-            try:
-                constructor.flatten_mapping(n)
-            except yaml.YAMLError as exc:
-                problems.append(
-                    Problem(file, n.start_mark.line + 1, _dotted(path), f"bad merge key: {getattr(exc, 'problem', None) or exc}")
-                )
-                return None
-            out: dict[Any, Any] = {}
-            for key_node, value_node in n.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    problems.append(Problem(file, key_node.start_mark.line + 1, _dotted(path), "a key must be a plain value"))
-                    continue
-                # Keys as written: YAML 1.1 would turn a report called `off:` or `yes:` into a boolean.
-                key = key_node.value
-                if key in out:
-                    first = lines.get((*path, key))
-                    problems.append(
-                        Problem(
-                            file,
-                            key_node.start_mark.line + 1,
-                            _dotted((*path, key)),
-                            f"duplicate key (first defined on line {first}); YAML would silently keep only the last",
-                        )
-                    )
-                    continue
-                lines[(*path, key)] = key_node.start_mark.line + 1
-                out[key] = walk(value_node, (*path, key), depth + 1)
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [walk(item, (*path, i), depth + 1) for i, item in enumerate(n.value)]
-        try:
-            return constructor.construct_object(n, deep=True)
-        except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
-            # A tagged scalar that does not fit its tag (`!!int three`, `!!bool nah`).
-            detail = getattr(exc, "problem", None) or f"{n.value!r} is not a valid {n.tag.rsplit(':', 1)[-1]}"
-            problems.append(Problem(file, n.start_mark.line + 1, _dotted(path), f"bad value: {detail}"))
-            return None
-
-    data = walk(node, (), 0)
-    if problems:
-        raise ConfigError(_sorted(problems))
-    return data, lines
+            if not any(loc[: len(b)] == b for b in broken):  # already said: the YAML value itself is wrong
+                problems.append(Problem(file, line_of(loc), _dotted(loc), _message(err, loc)))
+    if config is not None:
+        config._source = Path(file)
+        config._templates_dir = templates_dir
+        config._lines = lines
+        config._templates = templates
+        config._version = version_of(text.encode(), templates)
+        config._text = text
+    return Draft(file, templates_dir, data, lines, _sorted(problems), None if problems else config, templates)
 
 
 def _expand(value: Any, path: Path_, environ: Mapping[str, str], file: str, lines: dict[Path_, int], problems: list[Problem]) -> Any:
@@ -436,7 +551,7 @@ def _expand(value: Any, path: Path_, environ: Mapping[str, str], file: str, line
 # --------------------------------------------------------------------------- checks across fields
 
 
-def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -> list[Problem]:
+def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path, templates: Mapping[str, str]) -> list[Problem]:
     """Checks across fields, on the raw data, so they run even where the schema found errors."""
     problems: list[Problem] = []
 
@@ -472,8 +587,17 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
             continue
         for key in ("template", "text_template"):
             template = report.get(key)
-            if isinstance(template, str) and not (templates_dir / template).is_file():
-                bad((*loc, key), f"template {template!r} not found in {templates_dir}")
+            if isinstance(template, str) and template_key(template) not in templates:
+                if (templates_dir / template).is_file():
+                    bad(
+                        (*loc, key),
+                        f"template {template!r} in {templates_dir} is not a UTF-8 text file of at most {MAX_TEMPLATE_BYTES:,} bytes",
+                    )
+                else:
+                    bad((*loc, key), f"template {template!r} not found in {templates_dir}")
+        charts = report.get("charts")
+        for chart_name, chart in charts.items() if isinstance(charts, dict) else ():
+            _check_chart(chart_name, chart, (*loc, "charts", chart_name), bad)
         if report.get("query") is not None and report.get("function") is not None:
             bad(loc, "give either 'query' or 'function', not both")
         query = report.get("query")
@@ -485,6 +609,24 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path) -
                 f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})",
             )
     return problems
+
+
+def _check_chart(name: Any, chart: Any, loc: Path_, bad: Any) -> None:
+    """A chart is either simple (type, x and y) or a whole Vega-Lite spec; its name is a plain name."""
+    if not NAME_RE.match(str(name)):
+        bad(loc, "a chart name may use letters, digits, '.', '_' and '-' only, starting with a letter or digit")
+    if not isinstance(chart, dict):
+        return
+    if chart.get("vega_lite") is not None:
+        if chart.get("type") is not None:
+            bad((*loc, "type"), "give either 'type' (with x and y) or 'vega_lite', not both")
+        return
+    if chart.get("type") is None:
+        bad(loc, "needs 'type' (bar, line, area or pie) with 'x' and 'y', or a whole 'vega_lite' spec")
+        return
+    for key in ("x", "y"):
+        if chart.get(key) is None:
+            bad(loc, f"a {chart.get('type')} chart needs '{key}': the name of a column")
 
 
 def _db_url_problem(url: str) -> str | None:
@@ -502,7 +644,7 @@ def _db_url_problem(url: str) -> str | None:
 def parse_rate(rate: str) -> float:
     """'1/s', '30/m', '100/h' -> emails per second."""
     match = RATE_RE.match(rate)
-    if not match or float(match.group(1)) <= 0:
+    if not match or not 0 < float(match.group(1)) < math.inf:
         raise ValueError(f"rate {rate!r} is not like '1/s', '30/m' or '500/h'")
     return float(match.group(1)) / {"s": 1, "m": 60, "h": 3600}[match.group(2)]
 
@@ -515,14 +657,25 @@ def normalize_address(address: str) -> str:
     """
     if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in address):
         raise ValueError(f"address {address!r} contains control characters")
-    found = getaddresses([address])
-    if len([a for _, a in found if re.fullmatch(r"[^@\s]+@[^@\s]+", a)]) > 1:
+    return _normalized(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(address: str) -> str:
+    # Cached: the same owners and recipients recur across reports, and a big config has thousands.
+    # A bare ASCII address cannot hold a display name or a second address, so skip the header parser.
+    found = [("", address)] if PLAIN_ADDRESS_RE.fullmatch(address) else getaddresses([address])
+    if len([a for _, a in found if "@" in a]) > 1:
         raise ValueError(f"{address!r} holds several addresses; list each one on its own")
     name, addr = found[0] if len(found) == 1 else ("", "")
     if not addr or "@" not in addr:
         raise ValueError(f"{address!r} is not an email address")
     try:
-        valid = validate_email(addr, check_deliverability=False)
+        # Syntax only (RFC 5322/6531): a single-label domain ('localhost'), a quoted local part and
+        # a bracketed IP address are addresses too; whether the mailbox exists is the server's call.
+        valid = validate_email(
+            addr, check_deliverability=False, globally_deliverable=False, allow_quoted_local=True, allow_domain_literal=True
+        )
     except EmailNotValidError as exc:
         raise ValueError(f"{address!r} is not a valid email address: {exc}") from None
     bare = valid.ascii_email or valid.normalized
@@ -535,13 +688,6 @@ def normalize_address(address: str) -> str:
 
 
 # --------------------------------------------------------------------------- messages
-
-
-def _dotted(loc: Path_) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _sorted(problems: list[Problem]) -> list[Problem]:
@@ -580,7 +726,7 @@ def _message(err: Any, loc: Path_) -> str:
     if kind == "missing":
         return "is required but missing"
     if kind == "literal_error":
-        return f"{err['input']!r} is not one of html, pdf, csv"
+        return f"{err['input']!r} is not one of {', '.join(get_args(Format))}"
     if kind in ("model_type", "dict_type"):
         return f"must be a mapping, not {_yaml_type(err['input'])}"
     if kind in ("tuple_type", "list_type"):
@@ -591,7 +737,9 @@ def _message(err: Any, loc: Path_) -> str:
         return f"must be true or false, not {err['input']!r}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"must be a whole number, not {err['input']!r}"
-    if kind in ("float_type", "float_parsing", "finite_number"):
+    if kind == "finite_number":
+        return f"must be a finite number, not {_yaml_number(err['input'])}"
+    if kind in ("float_type", "float_parsing"):
         return f"must be a number, not {err['input']!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         words = {"greater_than": "greater than", "greater_than_equal": "at least", "less_than": "less than", "less_than_equal": "at most"}
@@ -601,6 +749,13 @@ def _message(err: Any, loc: Path_) -> str:
         return str(err["ctx"]["error"]) if "ctx" in err else str(err["msg"]).removeprefix("Value error, ")
     msg = str(err["msg"])
     return msg[0].lower() + msg[1:] if msg else kind
+
+
+def _yaml_number(value: Any) -> str:
+    """inf, -inf and nan as YAML writes them (.inf, -.inf, .nan), so the user finds them in the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    return repr(value)
 
 
 def _yaml_type(value: Any) -> str:

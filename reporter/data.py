@@ -7,6 +7,7 @@ statement_timeout, SQLite's progress handler). Errors never show a datasource's 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -74,6 +75,60 @@ def render_params(params: Mapping[str, Any], context: Mapping[str, Any]) -> dict
         else:
             out[key] = value
     return out
+
+
+def params_problem(value: Any) -> str | None:
+    """Why the query parameter VALUE would not compile as render_params evaluates it, or None."""
+    if not isinstance(value, str) or "{{" not in value:
+        return None
+    stripped = value.strip()
+    try:
+        if stripped.startswith("{{") and stripped.endswith("}}") and stripped.count("{{") == 1:
+            _params_env.compile_expression(stripped[2:-2])
+        else:
+            _params_env.from_string(value)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error: {exc.message}"
+    return None
+
+
+def import_function(spec: str, folder: Path) -> Any:
+    """The function 'module:name' names, importable from FOLDER (beside schedules.yaml) too.
+
+    Raises ValueError with one line saying why not: the module does not import (and its error),
+    has no such name, or the name cannot be called as name(slot=..., report=...).
+    """
+    module_name, _, attr = spec.partition(":")
+    where = str(folder.resolve())
+    if where not in sys.path:
+        sys.path.append(where)  # data functions may live beside schedules.yaml
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name}: {_one_line(exc)}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - user code failing at import, however it fails, is the config's problem
+        raise ValueError(f"module {module_name} failed to import: {type(exc).__name__}: {_one_line(exc)}") from None
+    func: Any = module
+    for part in attr.split("."):
+        if not hasattr(func, part):
+            raise ValueError(f"module {module_name} has no function {attr!r}")
+        func = getattr(func, part)
+    if not callable(func):
+        raise ValueError(f"{spec} is not a function (it is a value of type {type(func).__name__})")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return func  # a builtin or extension without a signature: it will tell at call time
+    try:
+        signature.bind(slot=None, report=None)
+    except TypeError as exc:
+        raise ValueError(f"{spec} cannot be called as {attr}(slot=..., report=...): {exc}") from None
+    return func
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Datasources:
@@ -160,16 +215,10 @@ class Datasources:
 
     def _function(self, report_name: str, report: Report, slot: datetime) -> Table:
         assert report.function is not None
-        module_name, _, attr = report.function.partition(":")
-        folder = str(self._config.source.parent.resolve())
-        if folder not in sys.path:
-            sys.path.append(folder)  # data functions may live beside schedules.yaml
         try:
-            func: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                func = getattr(func, part)
-        except (ImportError, AttributeError) as exc:
-            raise DataError(f"report {report_name!r}: cannot import {report.function!r}: {exc}") from None
+            func = import_function(report.function, self._config.source.parent)
+        except ValueError as exc:
+            raise DataError(f"report {report_name!r}: cannot use {report.function!r}: {exc}") from None
         try:
             value = func(slot=slot, report=report_name)
         except INTERRUPTS:
@@ -211,6 +260,11 @@ def _time_limit(conn: sa.Connection, seconds: float) -> Iterator[Any]:
             driver.set_progress_handler(None, 0)
         return
     yield lambda exc: False
+
+
+def db_error(exc: BaseException, url: str | None = None) -> str:
+    """The first line of a database error, with URL's password masked wherever it appears."""
+    return _first_line(exc, url)
 
 
 def _first_line(exc: BaseException, url: str | None = None) -> str:

@@ -60,6 +60,9 @@ FETCH_MAX_BYTES = 10_000_000
 SMTP_TIMEOUT = 30
 """Seconds for each SMTP network operation."""
 
+CONNECT_CHECK_TIMEOUT = 5
+"""Seconds `reporter validate --connect` waits for a datasource or the SMTP server to answer."""
+
 QUEUE_SCHEDULED = "reporter.scheduled"
 """Queue of sends enqueued by the dispatcher."""
 
@@ -71,6 +74,9 @@ DISPATCH_WINDOW = 3600
 
 VISIBILITY_MARGIN = 600
 """Seconds added to the longest ETA plus the hard time limit for Redis' visibility_timeout."""
+
+RELOAD_INTERVAL = 5
+"""Seconds between two looks of a process at schedules.yaml and the templates for an edit."""
 
 SEND_WAIT = 120
 """Seconds `reporter send` waits for the workers to finish a send-now before giving up."""
@@ -87,6 +93,9 @@ BEAT_LOCK_TIMEOUT = 30
 METRICS_PORT = 9808
 """Suggested port for workers' Prometheus metrics (REPORTER_METRICS_PORT)."""
 
+FLOWER_PORT = 5555
+"""Flower's port when FLOWER_PORT is unset (Flower's own default)."""
+
 NOTICE_COOLDOWN = 3600
 """Seconds: a report's owners get at most one failure notice in this time."""
 
@@ -95,3 +104,6 @@ WORKER_MAX_TASKS_PER_CHILD = 200
 
 WORKER_MAX_MEMORY_PER_CHILD = 400_000
 """KiB of resident memory after which a worker process is replaced once its task ends (a long PDF takes hundreds of MB)."""
+
+BROKER_URL = "redis://127.0.0.1:6379/0"
+"""Broker when REPORTER_BROKER_URL is unset and no `reporter run` is running in this folder (Celery's usual Redis)."""

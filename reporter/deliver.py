@@ -14,16 +14,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parseaddr
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from reporter.config import Config, normalize_address
+from reporter.audience import audience, envelopes
+from reporter.config import Config
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
-from reporter.mail import Transport, addresses, build, message_id, transport
+from reporter.mail import Transport, build, list_headers, message_id, transport
 from reporter.ratelimit import Limiter
 from reporter.render import Renderer
 from reporter.schedule import isoformat
 from reporter.settings import Settings
+
+if TYPE_CHECKING:
+    from reporter.live import Live
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ class Observer(Protocol):
 
     def delivered(self, delivery: Delivery) -> None: ...
 
+    def configured(self, version: str, problems: int) -> None: ...
+
 
 class LogObserver:
     """One log line per delivery: key=value, or a JSON object with `as_json`."""
@@ -83,6 +89,9 @@ class LogObserver:
         else:
             log.info("delivery %s", " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
 
+    def configured(self, version: str, problems: int) -> None:
+        pass  # live.py logs configuration changes and problems itself
+
 
 @dataclass
 class Runtime:
@@ -94,6 +103,24 @@ class Runtime:
     limiter: Limiter
     transport_factory: Callable[[], Transport] | None = None
     observers: list[Observer] = field(default_factory=list)
+    live: Live | None = None
+    """Follows edits of schedules.yaml (live.py); None: this runtime keeps the config it was built with."""
+
+    def follow(self, version: str | None = None) -> Config:
+        """Apply an edited configuration if the files hold a valid one; with VERSION (what a task was
+        dispatched under), make sure the config is that version or a newer one. ConfigError if it cannot be had."""
+        if self.live is not None:
+            self.live.refresh()
+            self.live.at_least(version)
+        return self.config
+
+    def use(self, config: Config) -> None:
+        """Run CONFIG from now on; what was built from the previous one is built again on first use."""
+        renderer = self.__dict__.pop("renderer", None)
+        self.__dict__.pop("stale_after", None)
+        self.config = config
+        if renderer is not None:
+            renderer.datasources.dispose()
 
     def tell(self, event: str, *args: Any) -> None:
         """Call every observer's EVENT; an observer's failure never stops a delivery."""
@@ -116,7 +143,9 @@ class Runtime:
         """(soft, hard) seconds for one send of report NAME: the config's, plus the time its
         recipients wait for the rate limit, so a report is not cut off by its own limit."""
         report = self.config.reports[name]
-        waiting = (1 if report.group else len(report.recipients)) / self.config.rate_of(report)
+        # One message per To address (or one for all), and one more when Cc/Bcc must go on their own.
+        messages = (1 if report.group else len(report.recipients)) + (1 if report.cc or report.bcc else 0)
+        waiting = messages / self.config.rate_of(report)
         d = self.config.defaults
         return d.soft_time_limit + waiting, d.time_limit + waiting
 
@@ -161,24 +190,16 @@ class SendResult:
         }
 
 
-def recipient_keys(addresses_: Sequence[str]) -> dict[str, str]:
-    """Ledger key (bare, normalised address) -> the address as written for the To header."""
-    out: dict[str, str] = {}
-    for value in addresses_:
-        normal = normalize_address(value)
-        out[parseaddr(normal)[1].lower()] = normal
-    return out
-
-
 def send_slot(
     rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None = None, trigger: str = "schedule", task_id: str | None = None
 ) -> SendResult:
     """Deliver report NAME for SLOT (aware UTC) to its recipients, or to ONLY, exactly once each."""
     report = rt.config.report(name)
-    targets = recipient_keys(only if only else report.recipients)
+    # Cc and Bcc readers are rows like any recipient: claimed, sent once and recorded (audience.py).
+    who = audience(report, only or None)
     result = SendResult(name, slot)
-    rt.ledger.ensure(name, slot, targets, trigger)
-    claim = rt.ledger.claim(name, slot, list(targets), rt.stale_after, task_id)
+    rt.ledger.ensure(name, slot, who.keys(), trigger)
+    claim = rt.ledger.claim(name, slot, who.keys(), rt.stale_after, task_id, config_version=rt.config.version)
     result.already = list(claim.done)
     result.busy, result.busy_until = list(claim.busy), claim.busy_until
     if not claim.mine:
@@ -205,44 +226,47 @@ def send_slot(
 
         sender = rt.config.sender_of(report)
         with_html = "html" in report.formats
-        cc = [normalize_address(a) for a in report.cc]
-        bcc = addresses([normalize_address(a) for a in report.bcc])
-        groups = [pending] if report.group else [[r] for r in pending]
+        groups = envelopes(who, pending, report.group)
+        headers = list_headers(name, report.description, report.owners, sender, rt.config.unsubscribe_url_of(report))
         rate = rt.config.rate_of(report)
         bucket = name if report.rate_limit else "default"
         mailer = rt.transport()
         try:
-            for group in groups:
-                msg_id = message_id(name, slot, ",".join(sorted(group)) if report.group else group[0], sender)
-                msg = build(rendered, sender, [targets[r] for r in group], cc, msg_id, with_html)
-                envelope = [*group, *addresses(cc), *bcc]
+            for message in groups:
+                group = message.rows
+                msg_id = message_id(name, slot, message.id_key(report.group), sender)
+                to, cc = [who.to[r] for r in message.to], [who.cc[r] for r in message.cc]
+                msg = build(rendered, sender, to, cc, msg_id, with_html, headers)
                 if not rt.ledger.mark_sending(claim.token, name, slot, group, msg_id):
                     # Our claim was taken over (this run outlived it): its new holder sends.
                     pending = [r for r in pending if r not in group]
                     continue
                 started = time.monotonic()
+                waited = 0.0
                 try:
                     # Connect first and reserve the send time last, so sends reach the server spaced
                     # as the limit says.
                     mailer.connect()
+                    waiting = time.monotonic()
                     rt.limiter.acquire(bucket, rate)
+                    waited = time.monotonic() - waiting
                     in_flight = group  # from here until the reply, the server may have the message
-                    outcome = mailer.send(msg, parseaddr(sender)[1], envelope)
+                    outcome = mailer.send(msg, parseaddr(sender)[1], [*message.to, *message.cc], blind=list(message.bcc))
                 except TransientDeliveryError as exc:
                     # The server or the network is in trouble: give back this group and the rest.
                     in_flight = []
-                    rest = [r for g in groups[groups.index(group) :] for r in g]
+                    rest = [r for g in groups[groups.index(message) :] for r in g.rows]
                     rt.ledger.release(claim.token, name, slot, rest, str(exc))
-                    record(rt, result, rest, "retry", str(exc), time.monotonic() - started, msg_id)
+                    record(rt, result, rest, "retry", str(exc), time.monotonic() - started - waited, msg_id)
                     pending = []
                     break
                 except PermanentDeliveryError as exc:
                     in_flight = []
                     rt.ledger.mark_failed(claim.token, name, slot, group, str(exc))
-                    record(rt, result, group, "failed", str(exc), time.monotonic() - started, msg_id)
+                    record(rt, result, group, "failed", str(exc), time.monotonic() - started - waited, msg_id)
                     pending = [r for r in pending if r not in group]
                     continue
-                seconds = time.monotonic() - started
+                seconds = time.monotonic() - started - waited  # the SMTP transaction, not the rate limit's wait
                 size = len(msg.as_bytes())
                 # The server has the message: from here an interruption must not hand these rows
                 # back (that would resend); unrecorded ones stay 'sending' (docs/reliability.md).
@@ -250,7 +274,7 @@ def send_slot(
                 for recipient in group:
                     refused = outcome.refused.get(recipient)
                     if refused is None:
-                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, int(seconds * 1000), size)
+                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, int(seconds * 1000), size, int(waited * 1000))
                         record(rt, result, [recipient], "sent", None, seconds, msg_id, size)
                         continue
                     error = f"SMTP {refused[0]} {refused[1]} for {recipient}"

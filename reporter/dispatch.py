@@ -13,13 +13,13 @@ execution send.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from reporter import ledger as L
+from reporter.audience import audience
 from reporter.config import Config
-from reporter.deliver import recipient_keys
 from reporter.ledger import Ledger
 from reporter.schedule import slots_between
 
@@ -56,12 +56,16 @@ def dispatch(
     end: datetime,
     now: datetime,
     grace: float | None = None,
+    only: Sequence[str] | None = None,
 ) -> list[Due]:
-    """Record and enqueue the slots due in [START, END) and those to catch up; return them."""
+    """Record and enqueue the slots due in [START, END) and those to catch up; return them.
+    With ONLY, just those reports' (the others' watermarks stay where they are)."""
     grace_start = start - timedelta(seconds=config.defaults.catch_up_grace if grace is None else grace)
     watermarks = ledger.marks()
+    names = [n for n in config.reports if only is None or n in only]
     todo: list[Due] = []
-    for name, report in config.reports.items():
+    for name in names:
+        report = config.reports[name]
         if not report.enabled:
             continue
         zone = config.zone(report)
@@ -70,7 +74,7 @@ def dispatch(
         # One read of the ledger for everything this report's look-back needs, not one per slot.
         recorded = ledger.slots_with_rows(name, min(skip_from, grace_start), start)
         if skip_from < grace_start:
-            keys = recipient_keys(report.recipients)
+            keys = audience(report).keys()
             for slot in slots_between(report.schedule, zone, skip_from, grace_start):
                 if slot not in recorded:
                     ledger.ensure(name, slot, keys)
@@ -84,11 +88,11 @@ def dispatch(
             if never_dispatched or lost:
                 todo.append(Due(name, slot, catch_up=True))
     todo.sort(key=lambda d: (d.slot, d.report))
-    todo.extend(due_slots(config, start, end))
+    todo.extend(d for d in due_slots(config, start, end) if d.report in names)
     for due in todo:
-        ledger.ensure(due.report, due.slot, recipient_keys(config.reports[due.report].recipients))
+        ledger.ensure(due.report, due.slot, audience(config.reports[due.report]).keys())
         enqueue(due)
-    for name in config.reports:
+    for name in names:
         # Disabled reports move too: a disabled period is not downtime to catch up on re-enabling.
         ledger.advance_mark(name, end)
     return todo

@@ -7,6 +7,8 @@ process that was killed, and can be taken over.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,8 @@ deliveries = sa.Table(
     sa.Column("sent_at", UTCDateTime),
     sa.Column("duration_ms", sa.Integer),
     sa.Column("size_bytes", sa.Integer),
+    sa.Column("wait_ms", sa.Integer),
+    sa.Column("config_version", sa.String(16)),
     sa.UniqueConstraint("report", "slot", "recipient", name="uq_delivery_key"),
     sa.Index("ix_deliveries_status_claimed", "status", "claimed_at"),
     sa.Index("ix_deliveries_created", "created_at"),
@@ -77,6 +81,21 @@ marks = sa.Table(
     sa.Column("covered_until", UTCDateTime, nullable=False),
 )
 """How far the dispatcher has enqueued each report: where a catch-up after downtime starts."""
+
+
+config_versions = sa.Table(
+    "config_versions",
+    metadata,
+    sa.Column("version", sa.String(16), primary_key=True),
+    sa.Column("seen_at", UTCDateTime, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+)
+"""Every configuration version a process loaded: when it was last loaded from the file, and its content
+(schedules.yaml and templates, as JSON), so a worker can render a send with the version it was
+dispatched under even when its own copy of the file is older or broken."""
+
+ADDED_COLUMNS = {"wait_ms": "INTEGER", "config_version": "VARCHAR(16)"}
+"""Columns added to `deliveries` after its first release: `create` adds them to an older ledger."""
 
 
 notices = sa.Table(
@@ -106,7 +125,12 @@ class Row:
     claimed_at: datetime | None
     sent_at: datetime | None
     duration_ms: int | None
+    """Milliseconds of the SMTP (or Maildir) transaction, the wait for the rate limit not included"""
     size_bytes: int | None
+    wait_ms: int | None
+    """Milliseconds the send waited for the rate limit"""
+    config_version: str | None
+    """The configuration version of the execution that last claimed the row (and sent it)"""
 
 
 @dataclass(frozen=True)
@@ -144,11 +168,25 @@ def _key(report: str, slot: datetime, recipients: Sequence[str]) -> Any:
     return (deliveries.c.report == report) & (deliveries.c.slot == slot) & deliveries.c.recipient.in_(list(recipients))
 
 
+SQLITE_WAIT = 30.0
+"""Seconds a SQLite connection waits for another process's lock before it fails."""
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
-    # WAL lets the CLI read history while workers write; busy_timeout makes writers queue, not fail.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # busy_timeout makes writers queue, not fail; WAL lets the CLI read history while workers write.
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_WAIT * 1000)}")
+    # Switching a new file to WAL takes an exclusive lock that SQLite does not wait for, even with a
+    # busy timeout: beat and the workers opening a new ledger together would fail. Wait for it here.
+    deadline = time.monotonic() + SQLITE_WAIT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.close()
 
 
@@ -158,7 +196,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_WAIT})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(parsed, pool_pre_ping=True)
@@ -177,12 +215,27 @@ class Ledger:
         return ledger
 
     def create(self) -> None:
-        """Create the table if it is not there (safe to call from many processes at once)."""
-        try:
-            metadata.create_all(self.engine)
-        except (IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
-            # Another process created it between our check and our CREATE.
-            metadata.create_all(self.engine)
+        """Create the tables if they are not there, and add newer columns to an older ledger
+        (safe to call from many processes at once)."""
+        for attempt in range(len(metadata.tables) + 1):
+            try:
+                metadata.create_all(self.engine)
+                break
+            except (IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+                # Another process created a table between our check and our CREATE. It is creating the
+                # same tables one by one, so look again (each failed try means it made progress).
+                if attempt == len(metadata.tables):
+                    raise
+        for name, kind in ADDED_COLUMNS.items():
+            if name in {c["name"] for c in sa.inspect(self.engine).get_columns("deliveries")}:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE deliveries ADD COLUMN {name} {kind}"))
+            except (sa.exc.ProgrammingError, sa.exc.OperationalError):
+                # Another process added it first; anything else shows on the next statement.
+                if name not in {c["name"] for c in sa.inspect(self.engine).get_columns("deliveries")}:
+                    raise
 
     # ----------------------------------------------------------------- writing
 
@@ -225,7 +278,14 @@ class Ledger:
         return deliveries.insert().prefix_with("IGNORE")  # MySQL/MariaDB
 
     def claim(
-        self, report: str, slot: datetime, recipients: Sequence[str], stale_after: float, task_id: str | None = None, attempt: bool = True
+        self,
+        report: str,
+        slot: datetime,
+        recipients: Sequence[str],
+        stale_after: float,
+        task_id: str | None = None,
+        attempt: bool = True,
+        config_version: str | None = None,
     ) -> Claim:
         """Atomically take every claimable row of RECIPIENTS for this execution.
 
@@ -248,6 +308,7 @@ class Ledger:
                     updated_at=stamp,
                     attempts=deliveries.c.attempts + (1 if attempt else 0),
                     task_id=task_id,
+                    **({"config_version": config_version} if config_version else {}),
                 )
             )
             rows = conn.execute(
@@ -279,7 +340,15 @@ class Ledger:
         return self._update(token, report, slot, recipients, status=SENDING, message_id=message_id)
 
     def mark_sent(
-        self, token: str, report: str, slot: datetime, recipients: Sequence[str], message_id: str, duration_ms: int, size_bytes: int
+        self,
+        token: str,
+        report: str,
+        slot: datetime,
+        recipients: Sequence[str],
+        message_id: str,
+        duration_ms: int,
+        size_bytes: int,
+        wait_ms: int | None = None,
     ) -> int:
         stamp = now()
         return self._update(
@@ -293,6 +362,7 @@ class Ledger:
             sent_at=stamp,
             duration_ms=duration_ms,
             size_bytes=size_bytes,
+            wait_ms=wait_ms,
         )
 
     def mark_failed(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
@@ -304,6 +374,12 @@ class Ledger:
 
     def mark_skipped(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
         return self._set(_key(report, slot, recipients) & (deliveries.c.status == QUEUED), status=SKIPPED, error=why)
+
+    def skip_slot(self, report: str, slot: datetime, why: str) -> int:
+        """Record every still-queued row of (REPORT, SLOT) as skipped, whoever its recipient."""
+        return self._set(
+            (deliveries.c.report == report) & (deliveries.c.slot == slot) & (deliveries.c.status == QUEUED), status=SKIPPED, error=why
+        )
 
     def stuck(self, stale_before: datetime, queued_before: datetime, retry_before: datetime) -> list[Stuck]:
         """Rows that need a new task:
@@ -375,15 +451,42 @@ class Ledger:
                 except IntegrityError:
                     pass  # a concurrent dispatcher inserted it; it is at least as far as ours
 
+    def remember_config(self, version: str, source: str) -> None:
+        """Note that configuration VERSION (content SOURCE) was loaded from its file now."""
+        stamp = now()
+        with self.engine.begin() as conn:
+            if conn.execute(config_versions.update().where(config_versions.c.version == version).values(seen_at=stamp)).rowcount:
+                return
+            try:
+                with conn.begin_nested():
+                    conn.execute(config_versions.insert().values(version=version, seen_at=stamp, source=source))
+            except IntegrityError:
+                pass  # another process stored it at the same moment
+
+    def config_seen(self, *versions: str) -> dict[str, datetime]:
+        """When each of VERSIONS was last loaded from its file (versions never stored are left out)."""
+        query = sa.select(config_versions.c.version, config_versions.c.seen_at).where(config_versions.c.version.in_(versions))
+        with self.engine.connect() as conn:
+            return {r.version: r.seen_at for r in conn.execute(query)}
+
+    def config_source(self, version: str) -> str | None:
+        """The stored content of configuration VERSION, or None."""
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(config_versions.c.source).where(config_versions.c.version == version)).scalar()
+        return None if found is None else str(found)
+
     def marks(self) -> dict[str, datetime]:
         """Each report's dispatch watermark."""
         with self.engine.connect() as conn:
             return {r.report: r.covered_until for r in conn.execute(sa.select(marks))}
 
     def prune(self, older_than: datetime) -> int:
-        """Delete rows created before OLDER_THAN that are final; return how many."""
+        """Delete rows created before OLDER_THAN that are final, and configuration versions no process
+        has loaded since then and no remaining row was sent under; return how many rows."""
         with self.engine.begin() as conn:
             result = conn.execute(deliveries.delete().where((deliveries.c.created_at < older_than) & deliveries.c.status.in_(FINAL)))
+            used = sa.select(deliveries.c.config_version).where(deliveries.c.config_version.is_not(None))
+            conn.execute(config_versions.delete().where((config_versions.c.seen_at < older_than) & config_versions.c.version.not_in(used)))
             return result.rowcount or 0
 
     # ----------------------------------------------------------------- reading

@@ -11,21 +11,78 @@ import hashlib
 import mailbox
 import smtplib
 import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from email.policy import EmailPolicy
 from email.utils import format_datetime, getaddresses, parseaddr
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from reporter import defaults
+from reporter.audience import UNDISCLOSED
+from reporter.charts import content_id
 from reporter.config import normalize_address
 from reporter.errors import ConfigError, PermanentDeliveryError, Problem, TransientDeliveryError
 from reporter.render import Rendered, one_line
 from reporter.schedule import isoformat
 from reporter.settings import mask_url, scrub
+
+UNFOLDED = frozenset({"message-id", "list-unsubscribe", "list-unsubscribe-post"})
+"""Headers written on one line: some parsers read a folded Message-ID or List-Unsubscribe with a
+leading space, which breaks threading, duplicate detection and unsubscribe buttons."""
+
+MAX_LINE = 998
+"""RFC 5322's limit on a header line; a longer UNFOLDED header is folded after all."""
+
+
+class MailPolicy(EmailPolicy):
+    """The SMTP policy (CRLF, folded at 78), except that UNFOLDED headers stay on one line (when ASCII
+    and within MAX_LINE)."""
+
+    def _one_line(self, name: str, value: Any) -> str | None:
+        text = f"{name}: {str(value).strip()}"
+        return text + self.linesep if name.lower() in UNFOLDED and text.isascii() and len(text) <= MAX_LINE else None
+
+    def fold(self, name: str, value: Any) -> str:
+        if (line := self._one_line(name, value)) is not None:
+            return line
+        folded: str = super().fold(name, value)
+        return folded
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if (line := self._one_line(name, value)) is not None:
+            return line.encode("ascii")
+        return super().fold_binary(name, value)
+
+
+SMTP_POLICY = MailPolicy(linesep="\r\n")
+
+
+def list_headers(report: str, description: str | None, owners: Sequence[str], sender: str, unsubscribe_url: str | None) -> dict[str, str]:
+    """The headers of an automated mailing (RFC 2369, 2919, 8058, and Outlook's auto-reply switch).
+
+    List-Unsubscribe is a mailto: to the owners (the sender when there are none): a person decides.
+    List-Unsubscribe-Post (one click, RFC 8058) is only valid beside an https URL, so it is added
+    only when the report has an `unsubscribe_url`.
+    """
+    address = parseaddr(sender)[1]
+    domain = address.rpartition("@")[2] if "@" in address else "reporter.invalid"
+    label = one_line(description or report).replace("\\", "").replace('"', "'")
+    contacts = [parseaddr(o)[1] for o in owners] or [address]
+    subject = quote(f"unsubscribe {report}")
+    links = [f"<mailto:{c}?subject={subject}>" for c in contacts]
+    headers = {"List-Id": f'"{label}" <{report.lower()}.{domain}>'}
+    if unsubscribe_url:
+        links.insert(0, f"<{unsubscribe_url}>")
+        headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    headers["List-Unsubscribe"] = ", ".join(links)
+    # Outlook/Exchange: no out-of-office or other automatic replies to this message.
+    headers["X-Auto-Response-Suppress"] = "All"
+    headers["Precedence"] = "bulk"
+    return headers
 
 
 def message_id(report: str, slot: datetime, recipient: str, sender: str) -> str:
@@ -37,7 +94,15 @@ def message_id(report: str, slot: datetime, recipient: str, sender: str) -> str:
     return f"<{report}.{utc.strftime('%Y%m%dT%H%M%SZ')}.{digest}@{domain or 'reporter.invalid'}>"
 
 
-def build(rendered: Rendered, sender: str, to: list[str], cc: list[str], msg_id: str, with_html: bool) -> EmailMessage:
+def build(
+    rendered: Rendered,
+    sender: str,
+    to: list[str],
+    cc: list[str],
+    msg_id: str,
+    with_html: bool,
+    headers: Mapping[str, str] | None = None,
+) -> EmailMessage:
     """multipart/mixed( multipart/alternative(text, html), attachments… ).
 
     Every address is validated again here (ValueError if one is not an address), so nothing but an
@@ -46,7 +111,8 @@ def build(rendered: Rendered, sender: str, to: list[str], cc: list[str], msg_id:
     msg = EmailMessage(policy=SMTP_POLICY)
     msg["Subject"] = one_line(rendered.subject)  # no CR, LF or control character reaches the header
     msg["From"] = normalize_address(sender)
-    msg["To"] = ", ".join(normalize_address(a) for a in to)
+    # A message for Cc/Bcc readers only still needs a To header: the empty group of RFC 5322.
+    msg["To"] = ", ".join(normalize_address(a) for a in to) if to else UNDISCLOSED
     if cc:
         msg["Cc"] = ", ".join(normalize_address(a) for a in cc)
     msg["Date"] = format_datetime(datetime.now().astimezone())
@@ -54,12 +120,22 @@ def build(rendered: Rendered, sender: str, to: list[str], cc: list[str], msg_id:
     msg["X-Reporter-Report"] = rendered.report
     msg["X-Reporter-Slot"] = isoformat(rendered.slot)
     msg["Auto-Submitted"] = "auto-generated"
+    for name, value in (headers or {}).items():
+        msg[name] = one_line(value)
     msg.set_content(rendered.text)
     if with_html:
         msg.add_alternative(rendered.html, subtype="html")
+        html_part = msg.get_body(preferencelist=("html",))
+        for chart in rendered.charts:
+            cid = content_id(rendered.report, chart.name)
+            if html_part is not None and f"cid:{cid}" in rendered.html:
+                # multipart/related around the HTML: the PNG shows in place, not as an attachment.
+                html_part.add_related(chart.png, "image", "png", cid=f"<{cid}>", filename=f"{chart.name}.png", disposition="inline")
     for filename, mime, content in rendered.attachments():
         maintype, subtype = mime.split("/")
-        msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename)
+        # Text attachments are UTF-8; saying so keeps mail clients and spreadsheets from guessing.
+        params = {"charset": "utf-8"} if maintype == "text" else None
+        msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename, params=params)
     return msg
 
 
@@ -82,7 +158,9 @@ class Transport(Protocol):
         """Open the connection now, so its set-up does not fall between a rate-limit slot and the send."""
         ...
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome: ...
+    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
+        """Hand MSG to RECIPIENTS and to the BLIND (Bcc) addresses, which no stored copy names."""
+        ...
 
     def close(self) -> None: ...
 
@@ -94,16 +172,25 @@ class MaildirTransport:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)  # Maildir creates only the last folder
-        self._box = mailbox.Maildir(str(path), create=True)
+        self._box = open_maildir(path)
 
     def connect(self) -> None:
         pass
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome:
+    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
+        # One file stands for the message handed over; Bcc addresses are only counted here (the
+        # ledger has them), since anything written into the file is readable by whoever reads it.
         del msg["X-Reporter-Envelope-To"]
-        msg["X-Reporter-Envelope-To"] = ", ".join(recipients)
-        self._box.add(msg.as_bytes())
+        del msg["X-Reporter-Bcc-Count"]
+        if recipients:
+            msg["X-Reporter-Envelope-To"] = ", ".join(recipients)
+        if blind:
+            msg["X-Reporter-Bcc-Count"] = str(len(blind))
+        try:
+            self._box.add(msg.as_bytes())
+        except OSError as exc:
+            # A full disk or a folder made read-only can be fixed; the rows go back for a retry.
+            raise TransientDeliveryError(f"cannot write to the outbox {self.path}: {exc.strerror or exc}") from None
         return Outcome()
 
     def close(self) -> None:
@@ -111,6 +198,31 @@ class MaildirTransport:
 
     def describe(self) -> str:
         return f"Maildir {self.path.resolve()}/new"
+
+
+MAILDIR_PARTS = ("tmp", "new", "cur")
+
+
+def open_maildir(path: Path) -> mailbox.Maildir:
+    """The Maildir at PATH, created if PATH is missing or an empty folder; else a ConfigError saying why not."""
+
+    def problem(why: str) -> ConfigError:
+        return ConfigError([Problem("REPORTER_OUTBOX", None, "", f"{path}: {why}")])
+
+    try:
+        if path.exists() and not path.is_dir():
+            raise problem("is a file, not a folder; point REPORTER_OUTBOX at a new or empty folder")
+        if path.is_dir() and not all((path / part).is_dir() for part in MAILDIR_PARTS):
+            if any(path.iterdir()):
+                raise problem("is a folder with other files in it, not a Maildir (no tmp, new and cur); use a new or empty folder")
+        for part in MAILDIR_PARTS:
+            (path / part).mkdir(parents=True, exist_ok=True)
+        probe = path / "tmp" / f".reporter-probe-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise problem(f"cannot be used as the outbox: {exc.strerror or exc}") from None
+    return mailbox.Maildir(str(path), create=False)
 
 
 @dataclass(frozen=True)
@@ -199,11 +311,15 @@ class SmtpTransport:
             except (smtplib.SMTPException, OSError):
                 pass  # send() tries again and sorts the failure into transient or permanent
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> Outcome:
+    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
         try:
             if self._conn is None:
                 self._conn = self._connect()
-            refused = self._conn.send_message(msg, from_addr=sender, to_addrs=recipients)
+            # Bcc lives in the envelope only: the message itself never carries a Bcc header.
+            envelope = [*recipients, *(blind or [])]
+            refused = self._conn.send_message(
+                msg, from_addr=sender, to_addrs=envelope, mail_options=body_options(self._conn, msg, sender, envelope)
+            )
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in refused.items()})
         except smtplib.SMTPRecipientsRefused as exc:
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in exc.recipients.items()})
@@ -224,6 +340,17 @@ class SmtpTransport:
         except smtplib.SMTPException as exc:
             self._drop()
             raise TransientDeliveryError(self._scrub(f"SMTP error from {self.settings.host}:{self.settings.port}: {exc}")) from None
+
+    def probe(self) -> None:
+        """Connect, EHLO, STARTTLS and log in as configured, then QUIT; DeliveryError saying why not."""
+        try:
+            conn = self._connect()
+        except (smtplib.SMTPException, OSError) as exc:
+            raise TransientDeliveryError(self._scrub(f"{type(exc).__name__}: {exc}")) from None
+        try:
+            conn.quit()
+        except (smtplib.SMTPException, OSError):
+            conn.close()
 
     def _scrub(self, text: str) -> str:
         """TEXT without the password, should a server or library ever quote it back."""
@@ -247,6 +374,29 @@ class SmtpTransport:
     def describe(self) -> str:
         s = self.settings
         return f"SMTP {'smtps' if s.ssl else 'smtp'}://{s.host}:{s.port}" + (" (STARTTLS)" if s.starttls else "")
+
+
+def body_options(conn: smtplib.SMTP, msg: EmailMessage, sender: str, envelope: Sequence[str]) -> list[str]:
+    """MAIL FROM options for MSG: BODY=8BITMIME for an 8-bit body when the server offers it.
+
+    smtplib adds SMTPUTF8 and BODY=8BITMIME itself for a non-ASCII address (when offered), so
+    nothing is added then. A server without 8BITMIME gets the body re-encoded as quoted-printable.
+    """
+    if not any(part.get("Content-Transfer-Encoding", "").lower() == "8bit" for part in msg.walk()):
+        return []
+    if not all(a.isascii() for a in (sender, *envelope)) and conn.has_extn("smtputf8"):
+        return []
+    if conn.has_extn("8bitmime"):
+        return ["BODY=8BITMIME"]
+    seven_bit(msg)
+    return []
+
+
+def seven_bit(msg: EmailMessage) -> None:
+    """Re-encode MSG's 8-bit text parts as quoted-printable, for a server that takes 7-bit only."""
+    for part in msg.walk():
+        if isinstance(part, EmailMessage) and part.get("Content-Transfer-Encoding", "").lower() == "8bit":
+            part.set_content(part.get_content(), subtype=part.get_content_subtype(), cte="quoted-printable")
 
 
 def destination(smtp_url: str | None, outbox: Path) -> str:

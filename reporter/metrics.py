@@ -37,12 +37,14 @@ class _Metrics:
     render_seconds: Any
     send_seconds: Any
     lag_seconds: Any
+    config_problems: Any
+    config_version: Any
 
 
 @cache
 def _metrics() -> _Metrics:
     """The metrics, created once per process on first use: in a worker's child, after the fork."""
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     return _Metrics(
         deliveries=Counter("reporter_deliveries", "Emails by outcome: sent, failed (for good), retry (handed back)", ["report", "status"]),
@@ -51,6 +53,14 @@ def _metrics() -> _Metrics:
         ),
         send_seconds=Histogram("reporter_send_seconds", "Seconds of one SMTP (or Maildir) transaction", ["report"], buckets=SEND_BUCKETS),
         lag_seconds=Histogram("reporter_lag_seconds", "Seconds from a slot to its email being sent", ["report"], buckets=LAG_BUCKETS),
+        config_problems=Gauge(
+            "reporter_config_problems",
+            "Problems in schedules.yaml (or its templates) on disk; non-zero: an edit is not applied, the last good version runs",
+            multiprocess_mode="livemax",
+        ),
+        config_version=Gauge(
+            "reporter_config_version_info", "1 for the configuration version a process runs", ["version"], multiprocess_mode="livemax"
+        ),
     )
 
 
@@ -67,6 +77,17 @@ class PrometheusObserver:
             m.send_seconds.labels(delivery.report).observe(delivery.seconds)
         if delivery.status == "sent":
             m.lag_seconds.labels(delivery.report).observe(max((datetime.now(UTC) - delivery.slot).total_seconds(), 0.0))
+
+    def configured(self, version: str, problems: int) -> None:
+        m = _metrics()
+        m.config_problems.set(problems)
+        if version != self._version:
+            if self._version is not None:
+                m.config_version.labels(self._version).set(0)
+            m.config_version.labels(version).set(1)
+            self._version = version
+
+    _version: str | None = None
 
     def __repr__(self) -> str:
         return "PrometheusObserver()"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, make_msgid, parseaddr
 
 from reporter import defaults
 from reporter.config import normalize_address
 from reporter.deliver import Runtime, SendResult
 from reporter.errors import DeliveryError
-from reporter.mail import addresses
+from reporter.mail import SMTP_POLICY, addresses
 from reporter.schedule import isoformat
 
 log = logging.getLogger(__name__)
@@ -36,6 +35,7 @@ def notify_owners(rt: Runtime, result: SendResult, cooldown: float = defaults.NO
     msg["Date"] = format_datetime(datetime.now().astimezone())
     msg["Message-ID"] = make_msgid(domain=parseaddr(sender)[1].rpartition("@")[2] or "reporter.invalid")
     msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Auto-Response-Suppress"] = "All"
     lines = [f"  {recipient}: {error}" for recipient, error in sorted(result.failed.items())]
     msg.set_content(
         "\n".join(

@@ -1,7 +1,10 @@
 """`reporter run`: a private Redis, one worker and one beat, on the embedded defaults.
 
-Children run in their own sessions, so the terminal's Ctrl-C reaches only this supervisor, which then
-stops them in order (beat, worker with a warm shutdown, Redis) and kills any straggler's whole group.
+Children run in their own sessions, so the terminal's Ctrl-C (or its closing, SIGHUP) reaches only
+this supervisor, which then stops them in order (beat, worker with a warm shutdown, Redis) and kills
+any straggler's whole group. SIGTERM and SIGHUP are handled the same way. If the supervisor itself is
+killed (SIGKILL), the kernel sends each child SIGTERM (Linux's parent-death signal), so the worker
+still shuts its pool down and nothing is left running. One run per var/ folder (var/run.lock).
 """
 
 from __future__ import annotations
@@ -13,18 +16,66 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
-from reporter import defaults
+from reporter import defaults, runstate
 from reporter.errors import ReporterError
 from reporter.mail import destination
 from reporter.settings import Settings, mask_url
 
 STOP_TIMEOUT = 30.0
 """Seconds each child gets to stop after SIGTERM before its process group is killed."""
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+"""Signals that stop `reporter run` cleanly: Ctrl-C, a service manager, the terminal closing."""
+
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal a process receives when the thread that started it ends."""
+
+
+def _prctl() -> Any:
+    """libc's prctl on Linux, loaded before any fork; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when this process dies, however it dies.
+
+    The signal is delivered even after SIGKILL of this process. It is cleared on fork, so a worker's
+    pool processes are not covered directly: their parent, the worker, gets SIGTERM and stops them.
+    None where prctl does not exist (not Linux): then only a clean stop stops the children.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def say(message: str) -> None:
+    """A line on stderr; a terminal that has gone away (SIGHUP) must not stop the clean-up."""
+    try:
+        click.echo(message, err=True)
+    except OSError:
+        pass
 
 
 def redis_server_binary() -> str:
@@ -58,6 +109,7 @@ def start_redis(var_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=dies_with_parent(),
         )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -84,7 +136,7 @@ def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = STOP_TIMEOUT
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            click.echo(f"reporter run: {name} did not stop in {timeout:.0f}s; killing it", err=True)
+            say(f"reporter run: {name} did not stop in {timeout:.0f}s; killing it")
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group (pool children)
     except (ProcessLookupError, PermissionError):
@@ -95,10 +147,14 @@ def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = STOP_TIMEOUT
 def run_all(settings: Settings, concurrency: int) -> int:
     """Start Redis, worker and beat; return the exit code when stopped."""
     var_dir = settings.var_dir
-    var_dir.mkdir(parents=True, exist_ok=True)
-    marker = var_dir / "broker.url"
     stopping = False
-    mail = destination(settings.smtp_url, settings.outbox)  # a bad SMTP URL stops us before anything starts
+    lock = runstate.RunLock(var_dir)
+    lock.acquire()  # makes var/; a second run here stops now, naming the first one's PID
+    try:
+        mail = destination(settings.smtp_url, settings.outbox)  # a bad SMTP URL stops us before anything starts
+    except BaseException:
+        lock.release()
+        raise
     if not settings.smtp_url:
         mail += " (one message file per email; open it as an .eml)"
 
@@ -106,16 +162,16 @@ def run_all(settings: Settings, concurrency: int) -> int:
         nonlocal stopping
         stopping = True
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     children: list[tuple[str, subprocess.Popen[bytes]]] = []
     code = 0
     try:
-        if settings.broker_url and settings.environ.get("REPORTER_BROKER_URL"):
-            broker = settings.broker_url
+        if settings.broker.origin == "env" and settings.broker.url:
+            broker = settings.broker.url
         else:
             redis_proc, broker = start_redis(var_dir)
             children.append(("redis", redis_proc))
-            marker.write_text(broker + "\n")
+            runstate.write_marker(var_dir, broker)
         env = {**settings.environ, "REPORTER_BROKER_URL": broker}
         celery = [sys.executable, "-m", "celery", "-A", "reporter.celery_app"]
         worker_cmd = [
@@ -133,9 +189,9 @@ def run_all(settings: Settings, concurrency: int) -> int:
             "INFO",
         ]
         beat_cmd = [*celery, "beat", "--loglevel", "INFO", "-s", str(var_dir / "celerybeat-schedule")]
-        children.append(("worker", subprocess.Popen(worker_cmd, env=env, start_new_session=True)))
-        children.append(("beat", subprocess.Popen(beat_cmd, env=env, start_new_session=True)))
-        click.echo(
+        for name, cmd in (("worker", worker_cmd), ("beat", beat_cmd)):
+            children.append((name, subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=dies_with_parent())))
+        say(
             "\n".join(
                 [
                     "reporter run: started",
@@ -144,24 +200,24 @@ def run_all(settings: Settings, concurrency: int) -> int:
                     f"  ledger:  {mask_url(settings.database_url)}",
                     f"  mail:    {mail}",
                     "  try:     reporter history   |   reporter send signups   (in another terminal)",
-                    "  stop:    Ctrl-C",
+                    f"  stop:    Ctrl-C (or kill {os.getpid()})",
                 ]
             ),
-            err=True,
         )
         while not stopping:
             for name, proc in children:
                 if proc.poll() is not None:
-                    click.echo(f"reporter run: {name} exited with code {proc.returncode}; stopping everything", err=True)
+                    say(f"reporter run: {name} exited with code {proc.returncode}; stopping everything")
                     stopping, code = True, 1
                     break
             time.sleep(0.3)
     finally:
         for name, proc in reversed(children):
             stop(proc, name)
-        marker.unlink(missing_ok=True)
+        runstate.remove_marker(var_dir)
+        lock.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if children:
-            click.echo("reporter run: stopped", err=True)
+            say("reporter run: stopped")
     return code

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from reporter import defaults
-from reporter.errors import ReporterError
+from reporter.errors import BrokerUnavailable, ReporterError
 from reporter.settings import is_redis_url, mask_url, redis_client_url
 
 BEAT_MAX_AGE = 60.0
@@ -25,7 +25,7 @@ BEAT_MAX_AGE = 60.0
 PING_TIMEOUT = 2.0
 """Seconds to wait for workers' answers to a control ping."""
 
-FLOWER_PORT = 5555
+FLOWER_PORT = defaults.FLOWER_PORT
 """Flower's port when FLOWER_PORT is unset (Flower's own default)."""
 
 # kombu's Redis transport keeps a queue's messages of priority P > 0 in the list "<queue>\x06\x16<P>".
@@ -41,6 +41,8 @@ class Check:
 
     ok: bool
     reason: str
+    broker_down: bool = False
+    """The check failed because the broker did not answer (the caller can say what to do)."""
 
 
 def parse_stamp(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -96,7 +98,7 @@ def beat_health(broker_url: str, max_age: float = BEAT_MAX_AGE, now: datetime | 
     try:
         raw = client.get(defaults.BEAT_TICK_KEY)
     except redis.RedisError as exc:
-        return Check(False, f"broker {mask_url(broker_url)} unreachable: {exc}")
+        return Check(False, f"broker {mask_url(broker_url)} unreachable: {exc}", broker_down=True)
     finally:
         client.close()
     return judge_tick(raw, now or datetime.now(UTC), max_age)
@@ -115,7 +117,7 @@ def ping(broker_url: str, nodes: list[str] | None = None, timeout: float = PING_
             try:
                 conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
             except Exception as exc:  # noqa: BLE001 - kombu raises many kinds when the broker is down
-                raise ReporterError(f"broker {mask_url(broker_url)} unreachable: {exc}") from None
+                raise BrokerUnavailable(f"broker {mask_url(broker_url)} unreachable: {exc}") from None
             replies = app.control.ping(destination=nodes or None, timeout=timeout, connection=conn, limit=len(nodes) if nodes else None)
     finally:
         app.close()
@@ -127,7 +129,7 @@ def worker_health(broker_url: str, nodes: list[str] | None = None, hostname: str
     try:
         answered = ping(broker_url, nodes, timeout)
     except ReporterError as exc:
-        return Check(False, str(exc))
+        return Check(False, str(exc), broker_down=isinstance(exc, BrokerUnavailable))
     if nodes:
         missing = sorted(set(nodes) - set(answered))
         if missing:
@@ -172,6 +174,15 @@ class Status:
     queues: dict[str, int] = field(default_factory=dict)
     unacked: int = 0
     failures: list[Any] = field(default_factory=list)
+    disk_version: str | None = None
+    """The version of schedules.yaml and templates on disk, if they pass every check."""
+    disk_problems: list[str] = field(default_factory=list)
+    """What is wrong with them otherwise (file:line field: message)."""
+
+    @property
+    def config_running(self) -> str | None:
+        """The configuration version the leading beat runs (from its heartbeat)."""
+        return None if self.tick is None else self.tick.get("config")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -184,6 +195,12 @@ class Status:
                 "leader_ttl": self.leader_ttl,
                 "tick": self.tick,
                 "tick_age": self.tick_age,
+            },
+            "config": {
+                "running": self.config_running,
+                "since": (self.tick or {}).get("config_since"),
+                "disk_version": self.disk_version,
+                "disk_problems": self.disk_problems,
             },
             "queues": self.queues,
             "unacked": self.unacked,
@@ -211,7 +228,7 @@ def collect(broker_url: str, database_url: str, failures: int = 5, max_age: floa
         status.queues = {q: queue_depth(client, q) for q in (defaults.QUEUE_URGENT, defaults.QUEUE_SCHEDULED)}
         status.unacked = int(client.hlen(UNACKED_KEY))
     except redis.RedisError as exc:
-        raise ReporterError(f"broker {mask_url(broker_url)} unreachable: {exc}") from None
+        raise BrokerUnavailable(f"broker {mask_url(broker_url)} unreachable: {exc}") from None
     finally:
         client.close()
     now = datetime.now(UTC)
@@ -240,6 +257,7 @@ def render(status: Status) -> str:
         lines.append("beat:     no leader holds the lock")
     if status.beat is not None:
         lines.append(f"          {'ok' if status.beat.ok else 'NOT OK'}: {status.beat.reason}")
+    lines.extend(config_lines(status))
     lines.append("queues:   " + ", ".join(f"{q} {n} waiting" for q, n in status.queues.items()))
     lines.append(f"          {status.unacked} held by workers (running, or waiting for their slot)")
     if status.failures:
@@ -250,3 +268,15 @@ def render(status: Status) -> str:
     else:
         lines.append("latest failures: none")
     return "\n".join(lines)
+
+
+def config_lines(status: Status) -> list[str]:
+    """'configuration: running <version> from <time>; the file on disk …', and the file's problems."""
+    running, since = status.config_running, (status.tick or {}).get("config_since", "?")
+    head = f"configuration: running {running} from {since}" if running else "configuration: no leading beat says which version it runs"
+    if status.disk_problems:
+        lines = [f"{head}; the file on disk has {len(status.disk_problems)} problem(s), so it is not applied:"]
+        return lines + [f"  {p}" for p in status.disk_problems]
+    if status.disk_version == running or running is None:
+        return [f"{head}; the file on disk is version {status.disk_version}" if running is None else f"{head}, as on disk"]
+    return [f"{head}; the file on disk is version {status.disk_version}, valid: processes apply it within a minute"]

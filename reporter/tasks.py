@@ -11,10 +11,12 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from reporter import defaults
+from reporter.audience import audience
 from reporter.beat import dispatcher_cron
 from reporter.celery_app import app
-from reporter.deliver import Runtime, SendResult, fail_for_good, recipient_keys, send_slot
+from reporter.deliver import Runtime, SendResult, fail_for_good, send_slot
 from reporter.dispatch import Due, dispatch
+from reporter.errors import ConfigError
 from reporter.ledger import Stuck
 from reporter.notice import notify_owners
 from reporter.runtime import runtime
@@ -53,7 +55,8 @@ def enqueue_send(
     timing: dict[str, Any] = {"countdown": countdown} if countdown is not None else {"eta": due.slot} if trigger == "schedule" else {}
     return send.apply_async(
         args=(due.report, isoformat(due.slot)),
-        kwargs={"only": only, "trigger": trigger},
+        # The config version it is dispatched under: the worker renders it with that one or a newer one.
+        kwargs={"only": only, "trigger": trigger, "config": rt.config.version},
         queue=queue,
         soft_time_limit=soft,
         time_limit=hard,
@@ -62,9 +65,13 @@ def enqueue_send(
 
 
 @app.task(name=DISPATCH, acks_late=False)
-def schedule_hourly(scheduled_for: str | None = None, window_end: str | None = None) -> dict[str, Any]:
-    """Enqueue every report slot due from SCHEDULED_FOR (default: now) to WINDOW_END (default: the next fire)."""
+def schedule_hourly(
+    scheduled_for: str | None = None, window_end: str | None = None, reports: list[str] | None = None, config: str | None = None
+) -> dict[str, Any]:
+    """Enqueue every report slot due from SCHEDULED_FOR (default: now) to WINDOW_END (default: the next fire);
+    only REPORTS' when given (beat's dispatch for reports added to the config)."""
     rt = runtime()
+    rt.follow(config)
     now = datetime.now(UTC)
     start = parse_instant(scheduled_for, UTC) if scheduled_for else now
     if window_end:
@@ -72,16 +79,29 @@ def schedule_hourly(scheduled_for: str | None = None, window_end: str | None = N
     else:
         found = dispatcher_cron(rt.config)
         end = next_fire(found[0], found[1], start) if found else start + timedelta(seconds=defaults.DISPATCH_WINDOW)
-    done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now)
+    done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
 
 
 @app.task(name=SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
-def send(self: Task, report: str, slot: str, only: list[str] | None = None, trigger: str = "schedule") -> dict[str, Any]:
-    """Render REPORT for SLOT once and send it to each recipient not yet sent to."""
+def send(
+    self: Task, report: str, slot: str, only: list[str] | None = None, trigger: str = "schedule", config: str | None = None
+) -> dict[str, Any]:
+    """Render REPORT for SLOT once and send it to each recipient not yet sent to, with configuration
+    CONFIG (the version it was dispatched under) or a newer one."""
     rt = runtime()
     at = parse_instant(slot, UTC)
+    try:
+        rt.follow(config)
+    except ConfigError as exc:
+        # The version it was dispatched under exists but does not load here (e.g. another environment).
+        log.error("send %s %s: configuration %s cannot be used here: %s; retrying", report, slot, config, exc)
+        raise self.retry(countdown=backoff(self.request.retries), max_retries=None) from None
+    if (why := not_to_send(rt, report, trigger)) is not None:
+        skipped = rt.ledger.skip_slot(report, at, why)
+        log.warning("send %s %s: %s; %d queued row(s) recorded as skipped", report, slot, why, skipped)
+        return {"report": report, "slot": slot, "skipped": skipped, "reason": why}
     try:
         result = send_slot(rt, report, at, only=only, trigger=trigger, task_id=self.request.id)
     except SoftTimeLimitExceeded:
@@ -91,7 +111,7 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
             log.error("send %s %s: %s; released for a retry", report, slot, error)
             raise self.retry(countdown=backoff(self.request.retries)) from None
         log.error("send %s %s: %s; no retries left", report, slot, error)
-        stuck = SendResult(report, at, retry=dict.fromkeys(recipient_keys(only or rt.config.reports[report].recipients), error))
+        stuck = SendResult(report, at, retry=dict.fromkeys(audience(rt.config.reports[report], only or None).keys(), error))
         fail_for_good(rt, stuck, f"after {self.request.retries} retries")
         notify_owners(rt, stuck)
         return stuck.as_dict()
@@ -108,15 +128,27 @@ def send(self: Task, report: str, slot: str, only: list[str] | None = None, trig
     # Tell the owners of what failed for good in this run, including when others are retried below.
     notify_owners(rt, result)
     if result.retry:
-        kwargs = {"only": list(result.retry), "trigger": trigger}
+        kwargs = {"only": list(result.retry), "trigger": trigger, "config": rt.config.version}
         raise self.retry(kwargs=kwargs, countdown=backoff(self.request.retries), max_retries=max_retries)
     return result.as_dict()
+
+
+def not_to_send(rt: Runtime, report: str, trigger: str) -> str | None:
+    """Why a send of REPORT must not go out under the current config (removed, or disabled for a
+    scheduled send); None if it may."""
+    spec = rt.config.reports.get(report)
+    if spec is None:
+        return f"the report is no longer in the configuration (version {rt.config.version})"
+    if not spec.enabled and trigger == "schedule":
+        return f"the report is disabled in the configuration (version {rt.config.version})"
+    return None
 
 
 @app.task(name=PRUNE)
 def prune_ledger(days: int | None = None) -> dict[str, Any]:
     """Delete final ledger rows older than the retention."""
     rt = runtime()
+    rt.follow()
     keep = days or rt.config.defaults.retention_days
     deleted = rt.ledger.prune(datetime.now(UTC) - timedelta(days=keep))
     return {"deleted": deleted, "retention_days": keep}
@@ -130,6 +162,7 @@ def sweep() -> dict[str, Any]:
     visibility timeout (more than an hour); this finds their ledger rows within minutes instead.
     """
     rt = runtime()
+    rt.follow()
     now = datetime.now(UTC)
     found = rt.ledger.stuck(
         stale_before=now - timedelta(seconds=rt.stale_after),

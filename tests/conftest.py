@@ -346,6 +346,16 @@ def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]
         stop(proc, "beat", timeout=15)
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str] | None = None) -> float:
+    """Poll PREDICATE until true and return the seconds it took; fail with WHAT (and the end of LOGS) after TIMEOUT seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{logs()[-4000:]}" if logs else ""))
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reporter.config import Config, load
+from reporter.config import Config, load, normalize_address
 from reporter.errors import ConfigError, Problem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,3 +353,165 @@ def test_tag_and_merge_mistakes_are_config_errors(tmp_path: Path, text: str, lin
 
 
 # The property tests (any YAML document or file gives a Config or a ConfigError) are in test_hostile.py.
+
+
+# --------------------------------------------------------------------------- YAML with bounded effort
+
+# Nine lists of nine aliases each: a few hundred bytes that would expand to 9**9 values.
+ALIAS_BOMB = (
+    'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    + "".join(f"{cur}: &{cur} [{', '.join([f'*{prev}'] * 9)}]\n" for prev, cur in zip("abcdefgh", "bcdefghi", strict=True))
+    + BASE
+)
+MERGE_BOMB = (
+    "x0: &x0 {k0: 1, k1: 2, k2: 3, k3: 4, k4: 5, k5: 6, k6: 7, k7: 8, k8: 9}\n"
+    + "".join(f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 9)}]}}\n" for i in range(1, 10))
+    + BASE
+)
+ALIAS_HINT = "write the values out, or use fewer aliases"
+
+YAML_LIMITS = [
+    # The first list of 9**5 values is where expansion passes 50,000: line 5, key e.
+    ("alias-bomb", ALIAS_BOMB, f"schedules.yaml:5: e: aliases expand this file to more than 50,000 values; {ALIAS_HINT}"),
+    (
+        "merge-key-bomb",
+        MERGE_BOMB,
+        "schedules.yaml:5: x4: merge keys (<<) expand to more than 50,000 values (or merge a mapping into itself); " + ALIAS_HINT,
+    ),
+    (
+        "mapping-merging-itself",
+        BASE + "    description: &d {<<: *d}\n",
+        "schedules.yaml:7: reports.r1.description: merge keys (<<) expand to more than 50,000 values (or merge a mapping into itself); "
+        + ALIAS_HINT,
+    ),
+    (
+        "too-many-values",
+        "x: [" + ", ".join(["1"] * 50_001) + "]\n" + BASE,
+        "schedules.yaml:1: more than 50,000 values; is this the right file?",
+    ),
+    (
+        "nested-too-deeply",
+        "x: " + "[" * 5000 + "]" * 5000 + "\n" + BASE,
+        "schedules.yaml:1: lists and mappings nested more than 50 levels deep",
+    ),
+    (
+        "tab-indent",
+        "reports:\n\tr1: 1\n",
+        "schedules.yaml:2: YAML syntax error: found character that cannot start any token; this line has a tab: indent with spaces",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in YAML_LIMITS], ids=[c[0] for c in YAML_LIMITS])
+def test_yaml_that_would_take_too_long_is_refused_naming_the_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_project(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    assert [str(p).replace(str(path), "schedules.yaml") for p in info.value.problems] == [expected]
+
+
+def test_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
+    text = BASE.replace("[a@example.com]", "&team [a@example.com, b@example.com]") + (
+        '  r2:\n    schedule: "0 8 * * *"\n    subject: Two\n    template: t.html\n    recipients: *team\n'
+    )
+    config = load(write_project(tmp_path, text), {})
+    assert config.reports["r2"].recipients == ("a@example.com", "b@example.com")
+
+
+NON_FINITE = [
+    ("defaults:\n  time_limit: .inf\n" + BASE, "schedules.yaml:2: defaults.time_limit: must be a finite number, not .inf"),
+    ("defaults:\n  soft_time_limit: .nan\n" + BASE, "schedules.yaml:2: defaults.soft_time_limit: must be a finite number, not .nan"),
+    ("defaults:\n  catch_up_grace: -.inf\n" + BASE, "schedules.yaml:2: defaults.catch_up_grace: must be a finite number, not -.inf"),
+    ("defaults:\n  beat_lock_timeout: .NaN\n" + BASE, "schedules.yaml:2: defaults.beat_lock_timeout: must be a finite number, not .nan"),
+    (
+        "defaults:\n  max_attachment_bytes: .inf\n" + BASE,
+        "schedules.yaml:2: defaults.max_attachment_bytes: must be a finite number, not .inf",
+    ),
+    (BASE + "    max_retries: .inf\n", "schedules.yaml:7: reports.r1.max_retries: must be a finite number, not .inf"),
+    (BASE + "    query_timeout: .Inf\n", "schedules.yaml:7: reports.r1.query_timeout: must be a finite number, not .inf"),
+    (BASE + "    max_rows: .inf\n", "schedules.yaml:7: reports.r1.max_rows: must be a finite number, not .inf"),
+    (
+        BASE + f"    rate_limit: {'9' * 400}/s\n",
+        f"schedules.yaml:7: reports.r1.rate_limit: rate '{'9' * 400}/s' is not like '1/s', '30/m' or '500/h'",
+    ),
+    (
+        BASE + f"    max_attachment_bytes: {'9' * 400} MB\n",
+        f"schedules.yaml:7: reports.r1.max_attachment_bytes: '{'9' * 400} MB' is too large to be a size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), NON_FINITE, ids=[e.split(": ")[1] for _, e in NON_FINITE])
+def test_non_finite_numbers_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_project(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    assert [str(p).replace(str(path), "schedules.yaml") for p in info.value.problems] == [expected]
+
+
+# --------------------------------------------------------------------------- addresses: syntax, not policy
+
+ACCEPTED_ADDRESSES = [
+    ("ops@corp.local", "ops@corp.local"),
+    ("root@localhost", "root@localhost"),
+    ("a@example.test", "a@example.test"),
+    ("x@host.internal", "x@host.internal"),
+    ("tor@hidden.onion", "tor@hidden.onion"),
+    ("Ops Team <OPS@Corp.LOCAL>", "Ops Team <OPS@corp.local>"),
+    ('"night shift"@example.com', '"night shift"@example.com'),
+    ("ops@[192.0.2.1]", "ops@[192.0.2.1]"),
+    ("Jörg <joerg@bücher.example>", "Jörg <joerg@xn--bcher-kva.example>"),
+]
+
+
+@pytest.mark.parametrize(("written", "normalised"), ACCEPTED_ADDRESSES, ids=[a for a, _ in ACCEPTED_ADDRESSES])
+def test_any_syntactically_valid_address_is_accepted(written: str, normalised: str) -> None:
+    assert normalize_address(written) == normalised
+
+
+REFUSED_ADDRESSES = [
+    ("ann@example.com\r\nBcc: evil@example.net", "address 'ann@example.com\\r\\nBcc: evil@example.net' contains control characters"),
+    ("ann@corp.local\nBcc: evil@example.net", "address 'ann@corp.local\\nBcc: evil@example.net' contains control characters"),
+    ("Ann\x07 <ann@localhost>", "address 'Ann\\x07 <ann@localhost>' contains control characters"),
+    ("ann@localhost, evil@example.net", "'ann@localhost, evil@example.net' holds several addresses; list each one on its own"),
+    ('"x"@corp.local, evil@example.net', "'\"x\"@corp.local, evil@example.net' holds several addresses; list each one on its own"),
+    ("a@b@localhost", "'a@b@localhost' is not an email address"),
+    ("localhost", "'localhost' is not an email address"),
+    ("a@-corp.local", "'a@-corp.local' is not a valid email address: An email address cannot have a hyphen immediately after the @-sign."),
+]
+
+
+@pytest.mark.parametrize(
+    ("written", "message"), REFUSED_ADDRESSES, ids=[m.split(" ")[-1] + str(i) for i, (_, m) in enumerate(REFUSED_ADDRESSES)]
+)
+def test_header_injection_and_non_addresses_stay_refused(written: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        normalize_address(written)
+    assert str(info.value) == message
+
+
+def test_special_use_domains_load_from_the_config(tmp_path: Path) -> None:
+    text = 'defaults:\n  sender: "Reports <reports@reporter.internal>"\n' + BASE.replace(
+        "[a@example.com]", "[ops@corp.local, root@localhost, a@example.test]"
+    )
+    config = load(write_project(tmp_path, text), {})
+    assert config.reports["r1"].recipients == ("ops@corp.local", "root@localhost", "a@example.test")
+    assert config.defaults.sender == "Reports <reports@reporter.internal>"
+
+
+def test_merge_keys_are_overridden_by_keys_written_beside_them(tmp_path: Path) -> None:
+    text = BASE.replace("  r1:\n", "  r1: &common\n") + (
+        '  r2:\n    <<: *common\n    subject: Two\n    schedule: "0 8 * * *"\n'  # lines 7-10
+    )
+    config = load(write_project(tmp_path, text), {})
+    r2 = config.reports["r2"]
+    assert (r2.schedule, r2.subject, r2.template, r2.recipients) == ("0 8 * * *", "Two", "t.html", ("a@example.com",))
+    assert config.line_of("reports", "r2", "schedule") == 10
+
+    # Written twice in the same mapping is still a mistake, merge or not.
+    path = write_project(tmp_path, text + "    subject: Again\n")
+    with pytest.raises(ConfigError) as info:
+        load(path, {})
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}:11: reports.r2.subject: duplicate key (first defined on line 9); YAML would silently keep only the last"
+    ]

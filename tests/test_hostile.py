@@ -120,11 +120,19 @@ BROKEN = [
         ["schedules.yaml:6: reports.r1.recipients[0]: 'not-an-email' is not an email address"],
     ),
     (
-        "recipient-domain-without-dot",
-        BASE.replace("a@example.com", "a@example"),
+        "recipient-domain-with-underscore",
+        BASE.replace("a@example.com", "a@exa_mple.com"),
         [
-            "schedules.yaml:6: reports.r1.recipients[0]: 'a@example' is not a valid email address: "
-            "The part after the @-sign is not valid. It should have a period."
+            "schedules.yaml:6: reports.r1.recipients[0]: 'a@exa_mple.com' is not a valid email address: "
+            "The part after the @-sign contains invalid characters: '_'."
+        ],
+    ),
+    (
+        "recipient-two-dots-in-a-row",
+        BASE.replace("a@example.com", "a..b@example.com"),
+        [
+            "schedules.yaml:6: reports.r1.recipients[0]: 'a..b@example.com' is not a valid email address: "
+            "An email address cannot have two periods in a row."
         ],
     ),
     (
@@ -271,6 +279,26 @@ def test_validate_prints_every_problem_and_no_traceback(tmp_path: Path) -> None:
     for line in BROKEN[-1][2]:
         expected = line.replace("schedules.yaml", str(path)).replace("TEMPLATES", str(tmp_path / "templates"))
         assert f"  {expected}\n" in done.stderr
+
+
+def test_validate_refuses_an_alias_bomb_and_infinite_limits_in_one_run(tmp_path: Path) -> None:
+    from tests.test_config import ALIAS_BOMB
+
+    text = ALIAS_BOMB.replace("reports:\n", "defaults:\n  time_limit: .inf\nreports:\n")
+    assert len(text.encode()) < 1000  # a few hundred bytes that would expand to 9**9 values
+    path = write_project(tmp_path, text)
+    done = run_cli("validate", env={**os.environ, "REPORTER_CONFIG": str(path)})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    # The bomb stops the reading, so it is the one problem: the line where expansion passes the limit.
+    assert done.stderr.splitlines() == [
+        "reporter: 1 problem(s) in the configuration:",
+        f"  {path}:5: e: aliases expand this file to more than 50,000 values; write the values out, or use fewer aliases",
+    ]
+    path.write_text(BASE + "    query_timeout: .inf\n")
+    done = run_cli("validate", env={**os.environ, "REPORTER_CONFIG": str(path)})
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[1:] == [f"  {path}:7: reports.r1.query_timeout: must be a finite number, not .inf"]
 
 
 def test_validate_finds_template_syntax_errors_before_any_schedule_fires(tmp_path: Path) -> None:
@@ -721,7 +749,8 @@ def test_report_data_is_escaped_and_loads_nothing_even_when_a_template_trusts_it
 
     # Escaped: the markup is shown as text in the HTML body and the PDF, and nothing is fetched for it.
     assert "<link" not in escaped.html.split("<body>", 1)[1] and "<img" not in escaped.html
-    assert "&lt;link rel=&#34;attachment&#34; href=&#34;file:///etc/passwd&#34;&gt;" in escaped.html
+    # (The email HTML is re-serialised by the CSS inliner: quotes in text need no escaping, < and > do.)
+    assert '&lt;link rel="attachment" href="file:///etc/passwd"&gt;' in escaped.html
     text = assert_nothing_leaked(escaped.pdf)
     assert '<link rel="attachment" href="file:///etc/passwd">' in text.replace("\n", "")
 
@@ -833,7 +862,7 @@ def test_subject_from_data_cannot_inject_headers(make_project: Callable[..., Pro
     assert msg["Bcc"] is None and msg["X-Evil"] is None
     assert msg["Subject"] == "Sales Bcc: evil@example.net X-Evil: 1 [31m done"
     # The body is still the body: no blank line smuggled into the headers ended them early.
-    assert "1 row." in msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert "\r\n1 row; totals: amount 1.\r\n" in msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
 
 def test_recipient_from_the_command_line_cannot_inject_headers(make_project: Callable[..., Project], inbox: Inbox) -> None:
@@ -1065,6 +1094,26 @@ def test_failing_smtp_login_prints_no_password(make_project: Callable[..., Proje
         assert PASSWORD not in output
     assert PASSWORD.encode() not in ledger_bytes(project)
     assert b"SMTP login as ''bot'' refused by 127.0.0.1" in ledger_bytes(project)  # the error is recorded, as SQL
+    assert auth_inbox.messages == []
+
+
+def test_validate_connect_logs_in_to_smtp_and_prints_no_password(
+    make_project: Callable[..., Project], smtp_server: Callable[..., Inbox]
+) -> None:
+    auth_inbox = smtp_server(authenticator=right_password_only, auth_require_tls=False)
+    project = make_project()
+    where = f"{auth_inbox.host}:{auth_inbox.port}"
+    wrong = run_cli("validate", "--connect", env=project.env(REPORTER_SMTP_URL=f"smtp://bot:{PASSWORD}@{where}"))
+    assert wrong.returncode == 1, wrong.stdout + wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    assert wrong.stdout.splitlines()[-1] == (
+        f"mail (SMTP smtp://{where}): does not answer: SMTP login as 'bot' refused by {where}: 535 5.7.8 Authentication credentials invalid"
+    )
+    right = run_cli("validate", "--connect", env=project.env(REPORTER_SMTP_URL=f"smtp://bot:right-password@{where}"))
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert right.stdout.splitlines()[-1] == f"mail (SMTP smtp://{where}): answers (logged in as 'bot')"
+    for output in (wrong.stdout, wrong.stderr, right.stdout, right.stderr):
+        assert PASSWORD not in output and "right-password" not in output
     assert auth_inbox.messages == []
 
 

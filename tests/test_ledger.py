@@ -7,10 +7,12 @@ on a machine without PostgreSQL (and the PostgreSQL ones skip there, or fail in 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -470,3 +472,27 @@ def test_a_claim_that_only_records_an_outcome_is_not_an_attempt(ledger: Ledger) 
     giving_up = ledger.claim("daily", SLOT, ["a@x"], stale_after=60, attempt=False)
     ledger.mark_failed(giving_up.token, "daily", SLOT, ["a@x"], "SMTP 451 (gave up)")
     assert (one(ledger, "a@x").status, one(ledger, "a@x").attempts) == ("failed", 1)
+
+
+def test_many_processes_creating_a_fresh_ledger_at_once_all_succeed(tmp_path: Path) -> None:
+    """beat, the worker and the CLI open a new ledger at the same moment: none may fail on 'already exists'."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    for _ in range(8):  # the race is in timing: several rounds, each on a new file
+        url = f"sqlite:///{tmp_path / f'fresh-{uuid.uuid4().hex[:6]}.db'}"
+        barrier = spawn.Barrier(6)
+        procs = [spawn.Process(target=_open_ledger_at, args=(url, barrier)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6
+    check = Ledger.from_url(url)
+    assert set(sa.inspect(check.engine).get_table_names()) == set(L.metadata.tables)
+    check.dispose()
+
+
+def _open_ledger_at(url: str, barrier: Any) -> None:
+    barrier.wait(30)  # all at once, once each has imported everything
+    Ledger.from_url(url).dispose()

@@ -6,18 +6,20 @@ import email
 import email.policy
 import mailbox
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from reporter.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
-from reporter.mail import MaildirTransport, SmtpSettings, SmtpTransport, build, message_id
+from reporter.mail import MaildirTransport, SmtpSettings, SmtpTransport, build, list_headers, message_id, open_maildir, seven_bit
 from reporter.render import Rendered
 from reporter.runner import free_port
-from tests.conftest import Inbox
+from tests.conftest import Inbox, serving
 
 SENDER = "Reports <reports@example.com>"
 SLOT = datetime(2026, 7, 1, 5, 0, tzinfo=UTC)
@@ -112,7 +114,7 @@ def test_build_makes_text_and_html_alternatives_and_attachments() -> None:
     assert msg["From"] == SENDER
     assert msg["To"] == "Ann <ann@example.com>"
     assert msg["Cc"] == "boss@example.com"
-    assert msg["Message-ID"].strip() == msg_id  # folded onto its own line when long: valid FWS
+    assert msg["Message-ID"] == msg_id  # never folded: no leading space for a parser to keep
     assert msg["X-Reporter-Report"] == "sales-daily"
     assert msg["X-Reporter-Slot"] == "2026-07-01T05:00:00Z"
     assert msg["Auto-Submitted"] == "auto-generated"
@@ -133,6 +135,8 @@ def test_build_makes_text_and_html_alternatives_and_attachments() -> None:
     assert all(a.get_content_disposition() == "attachment" for a in attachments)
     assert attachments[0].get_payload(decode=True) == PDF
     assert attachments[1].get_payload(decode=True) == CSV
+    assert attachments[1].get_content_charset() == "utf-8"
+    assert attachments[0].get_content_charset() is None
 
 
 def test_build_without_html_has_no_html_part() -> None:
@@ -330,3 +334,171 @@ def test_smtp_closed_port_is_transient() -> None:
             transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
     finally:
         transport.close()
+
+
+# --------------------------------------------------------------------------- headers of an automated mailing
+
+
+def test_long_message_id_is_written_on_one_line() -> None:
+    msg_id = message_id("a-rather-long-report-name-for-the-finance-department", SLOT, "ann@example.com", "r@reports.example.co.uk")
+    raw = build(rendered(), SENDER, ["ann@example.com"], [], msg_id, True).as_bytes()
+    assert f"\r\nMessage-ID: {msg_id}\r\n".encode() in raw
+    assert len(f"Message-ID: {msg_id}") > 78  # long enough that the SMTP policy would have folded it
+    assert reparse_bytes(raw)["Message-ID"] == msg_id
+
+
+def reparse_bytes(raw: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("description", "owners", "url", "expected"),
+    [
+        (
+            "Orders by region",
+            ["Data <data@example.com>", "ops@example.com"],
+            None,
+            {
+                "List-Id": '"Orders by region" <sales-daily.example.com>',
+                "List-Unsubscribe": "<mailto:data@example.com?subject=unsubscribe%20sales-daily>, "
+                "<mailto:ops@example.com?subject=unsubscribe%20sales-daily>",
+                "X-Auto-Response-Suppress": "All",
+                "Precedence": "bulk",
+            },
+        ),
+        (
+            None,
+            [],
+            "https://example.com/unsub?r=sales-daily",
+            {
+                "List-Id": '"sales-daily" <sales-daily.example.com>',
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                "List-Unsubscribe": "<https://example.com/unsub?r=sales-daily>, "
+                "<mailto:reports@example.com?subject=unsubscribe%20sales-daily>",
+                "X-Auto-Response-Suppress": "All",
+                "Precedence": "bulk",
+            },
+        ),
+        (
+            'Quotes "and" \\ backslash\nnewline',
+            ["o@example.com"],
+            None,
+            {
+                "List-Id": "\"Quotes 'and'  backslash newline\" <sales-daily.example.com>",
+                "List-Unsubscribe": "<mailto:o@example.com?subject=unsubscribe%20sales-daily>",
+                "X-Auto-Response-Suppress": "All",
+                "Precedence": "bulk",
+            },
+        ),
+    ],
+)
+def test_list_headers(description: str | None, owners: list[str], url: str | None, expected: dict[str, str]) -> None:
+    assert list_headers("sales-daily", description, owners, SENDER, url) == expected
+
+
+def test_list_headers_survive_the_round_trip() -> None:
+    headers = list_headers("sales-daily", "Orders by region", ["data@example.com"], SENDER, "https://example.com/u")
+    msg = reparse(build(rendered(), SENDER, ["ann@example.com"], [], "<x@example.com>", True, headers))
+    for name, value in headers.items():
+        assert msg[name] == value
+
+
+def test_long_list_unsubscribe_and_message_id_stay_on_one_line() -> None:
+    owners = ["data-team@example.com", "analytics-on-call@example.com"]
+    headers = list_headers("sales-daily", "Orders of the day by region, with every order listed", owners, SENDER, "https://example.com/u")
+    msg_id = message_id("sales-daily", SLOT, "ann@example.com", SENDER)
+    raw = build(rendered(), SENDER, ["ann@example.com"], [], msg_id, True, headers).as_bytes()
+    lines = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    unsubscribe = [line for line in lines if line.startswith(b"List-Unsubscribe:")]
+    assert len(unsubscribe) == 1 and len(unsubscribe[0]) > 78, "long enough that the policy would fold it"
+    assert unsubscribe[0] == f"List-Unsubscribe: {headers['List-Unsubscribe']}".encode()
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed["List-Unsubscribe"] == headers["List-Unsubscribe"]  # no leading space for a parser to keep
+    assert parsed["Message-ID"] == msg_id
+    assert str(parsed["List-Id"]).startswith('"Orders of the day')  # folded as usual, and still read back whole
+
+
+# --------------------------------------------------------------------------- 8-bit bodies
+
+
+@dataclass
+class OptionsInbox(Inbox):
+    """An inbox that also keeps the MAIL FROM options of each message."""
+
+    options: list[list[str]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.options.append(list(envelope.mail_options))
+        return await super().handle_DATA(server, session, envelope)
+
+
+def utf8_message(to: str = "ann@example.com") -> EmailMessage:
+    body = Rendered("sales-daily", SLOT, "Umsatz Zürich", "<p>Zürich: 1.234,50 €</p>", "Zürich: 1.234,50 €\n", None, None, 1)
+    return build(body, SENDER, [to], [], "<x@example.com>", True)
+
+
+def test_an_8bit_body_goes_with_body_8bitmime_when_offered() -> None:
+    with serving(OptionsInbox("127.0.0.1", free_port())) as box:
+        transport = SmtpTransport(SmtpSettings.from_url(box.url))
+        try:
+            transport.send(utf8_message(), "reports@example.com", ["ann@example.com"])
+            transport.send(
+                build(rendered(), SENDER, ["ann@example.com"], [], "<y@example.com>", True), "reports@example.com", ["ann@example.com"]
+            )
+        finally:
+            transport.close()
+    body_options = [[o for o in options if o.startswith("BODY=")] for options in box.options]
+    assert body_options == [["BODY=8BITMIME"], []]  # an ASCII-only message needs no option
+    text = box.messages[0].get_body(preferencelist=("plain",))
+    assert text is not None and text.get_content().rstrip() == "Zürich: 1.234,50 €"
+
+
+def test_without_8bitmime_the_body_is_reencoded_as_quoted_printable() -> None:
+    msg = utf8_message()
+    assert any(p.get("Content-Transfer-Encoding") == "8bit" for p in msg.walk())
+    seven_bit(msg)
+    raw = msg.as_bytes()
+    assert raw.isascii()
+    parsed = reparse_bytes(raw)
+    assert [p.get("Content-Transfer-Encoding") for p in parsed.walk() if p.get_content_maintype() == "text"] == ["quoted-printable"] * 2
+    html = parsed.get_body(preferencelist=("html",))
+    assert html is not None and html.get_content().rstrip() == "<p>Zürich: 1.234,50 €</p>"
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+def test_an_empty_existing_folder_becomes_the_maildir(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    transport = MaildirTransport(folder)
+    transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
+    transport.close()
+    assert len(list((folder / "new").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda p: p.write_text("x"), "is a file, not a folder"),
+        (lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")), "is a folder with other files in it, not a Maildir"),
+    ],
+)
+def test_an_unusable_outbox_is_a_config_error_naming_it(tmp_path: Path, make: Any, why: str) -> None:
+    path = tmp_path / "outbox"
+    make(path)
+    with pytest.raises(ConfigError) as caught:
+        open_maildir(path)
+    assert str(caught.value).startswith(f"REPORTER_OUTBOX: {path}: {why}")
+
+
+def test_an_outbox_that_breaks_after_start_up_hands_the_message_back_for_a_retry(tmp_path: Path) -> None:
+    transport = MaildirTransport(tmp_path / "outbox")
+    (tmp_path / "outbox" / "tmp").rmdir()
+    (tmp_path / "outbox" / "tmp").write_text("not a folder any more")  # as a full or broken disk would
+    with pytest.raises(TransientDeliveryError, match=rf"cannot write to the outbox {tmp_path / 'outbox'}: "):
+        transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
+    transport.close()
+    assert list((tmp_path / "outbox" / "new").iterdir()) == []

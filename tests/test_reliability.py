@@ -29,7 +29,7 @@ from reporter import defaults
 from reporter.ledger import Ledger
 from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
-from tests.conftest import Inbox, Project, Worker, serving
+from tests.conftest import Inbox, Project, Worker, serving, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +58,6 @@ class TimedInbox(Inbox):
 def timed_inbox() -> Iterator[TimedInbox]:
     with serving(TimedInbox("127.0.0.1", free_port())) as box:
         yield box
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll PREDICATE; return the seconds it took."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def delivered(inbox: Inbox) -> Counter[tuple[str, str]]:

@@ -16,8 +16,9 @@ import pytest
 import yaml
 from pypdf import PdfReader
 
+from reporter.checks import load_checked
 from reporter.config import Config, load
-from reporter.errors import RenderError
+from reporter.errors import ConfigError, Problem, RenderError
 from reporter.fetch import ResourceFetcher
 from reporter.render import Rendered, Renderer
 from tests.conftest import Project
@@ -87,7 +88,8 @@ def pdf_pages(data: bytes) -> list[str]:
 
 def csv_rows(data: bytes | None) -> list[list[str]]:
     assert data is not None
-    return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    assert data.startswith(b"\xef\xbb\xbf"), "CSV attachments start with a UTF-8 BOM by default"
+    return list(csv.reader(io.StringIO(data.decode("utf-8-sig"), newline="")))
 
 
 def unique_module() -> str:
@@ -116,11 +118,17 @@ def test_render_produces_every_part(make_project: Callable[..., Project], render
     assert XSS not in rendered.html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in rendered.html
 
-    # Text part: the built-in default.txt, a plain table of every row.
-    assert rendered.text.startswith("regional — 2026-07-01 07:00 UTC")
-    for value in ("region", "amount", "Atlantis", "Lemuria", "Mu", "1234.5", "42.25"):
-        assert value in rendered.text
-    assert "4 rows." in rendered.text
+    # Text part: the built-in default.txt: the subject, the summary, a table with numbers formatted
+    # alike and right-aligned, and the footer.
+    assert rendered.text.startswith("Regional 07:00\nWednesday 01 July 2026, 07:00 UTC\n\n4 rows; totals: amount 1,285.25.\n\n")
+    table = rendered.text.split("\n\n")[2].splitlines()
+    assert [line.split("  ")[-1].strip() for line in table[2:]] == ["1,234.50", "42.25", "7.00", "1.50"]
+    assert len({len(line) for line in table[2:]}) == 1  # right-aligned: every row ends in the same column
+    assert rendered.text.endswith(
+        "-- \nThis is the scheduled report regional.\nSchedule: Every minute (* * * * *, UTC).\n"
+        "Next run: Wednesday 01 July 2026, 07:01 UTC.\nOwners: owner@example.com (write to them to change or stop this report).\n"
+    )
+    assert '<div class="reporter-footer"' in rendered.html and "Next run: Wednesday 01 July 2026, 07:01 UTC." in rendered.html
 
     # CSV: the raw values, header first; nothing escaped for HTML there.
     assert csv_rows(rendered.csv) == [
@@ -159,6 +167,38 @@ def test_function_data_is_escaped_in_html_and_raw_in_csv(
     assert "&amp; more" in rendered.html
     assert csv_rows(rendered.csv) == [["region", "amount"], [XSS, '"quoted", & more']]
     assert rendered.subject == "Rows at 07:00: 1"
+
+
+def test_csv_attachment_is_safe_to_open_in_a_spreadsheet(
+    make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
+) -> None:
+    module = unique_module()
+    rows = [
+        {"region": '=HYPERLINK("http://x","y")', "amount": -2},
+        {"region": "=cmd|' /C calc'!A0", "amount": -2.5},
+        {"region": "@SUM(1)", "amount": 3},
+        {"region": "+1+1", "amount": 0},
+        {"region": "-2+3", "amount": -1},
+        {"region": "Zürich", "amount": 7},
+    ]
+    config = custom_project(
+        make_project,
+        {"hostile": function_report(f"{module}:rows"), "no-bom": function_report(f"{module}:rows", csv_bom=False)},
+        {},
+        {module: f"def rows(slot, report):\n    return {rows!r}\n"},
+    )
+    renderer = renderers(config)
+    assert csv_rows(renderer.render("hostile", SLOT).csv) == [
+        ["region", "amount"],
+        ['\'=HYPERLINK("http://x","y")', "-2"],
+        ["'=cmd|' /C calc'!A0", "-2.5"],
+        ["'@SUM(1)", "3"],
+        ["'+1+1", "0"],
+        ["'-2+3", "-1"],
+        ["Zürich", "7"],
+    ]
+    plain = renderer.render("no-bom", SLOT).csv
+    assert plain is not None and plain.startswith(b"region,amount\r\n")
 
 
 def test_html_only_report_has_no_pdf_or_csv(make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]) -> None:
@@ -257,6 +297,15 @@ BROKEN_HTML = """<html><body>
 """
 
 
+def template_problems(config: Config) -> list[Problem]:
+    """What the check every command makes (checks.load_checked) says of CONFIG's files."""
+    try:
+        load_checked(config.source, os.environ, config.templates_dir)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
 def test_problems_reports_template_syntax_errors_with_file_and_line(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:
@@ -272,7 +321,7 @@ def test_problems_reports_template_syntax_errors_with_file_and_line(
         {module: "def rows(slot, report):\n    return []\n"},
     )
     renderer = renderers(config)
-    problems = renderer.problems()
+    problems = template_problems(config)
     by_field = {p.field: p for p in problems}
     assert set(by_field) == {"reports.broken.template", "reports.bad-subject.subject"}
 
@@ -304,13 +353,13 @@ def test_problems_finds_syntax_errors_in_a_template_the_report_extends(
         },
         {module: "def rows(slot, report):\n    return []\n"},
     )
-    problems = renderers(config).problems()
+    problems = template_problems(config)
     assert [(Path(p.file).name, p.line) for p in problems] == [("layout.html", 3)]
 
 
-def test_problems_is_empty_for_good_templates(make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]) -> None:
+def test_problems_is_empty_for_good_templates(make_project: Callable[..., Project]) -> None:
     config = load(make_project().config, os.environ)
-    assert renderers(config).problems() == []
+    assert template_problems(config) == []
 
 
 # --------------------------------------------------------------------------- what the PDF may fetch

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from reporter.schedule import (
     cron_problem,
+    describe,
     isoformat,
     latest_fire,
     next_fire,
@@ -309,6 +310,11 @@ BAD_CRONS = [
     ("weekday-8", "0 0 * * 8", "invalid cron"),
     ("step-zero", "*/0 * * * *", "invalid cron"),
     ("garbage", "foo bar baz qux quux", "invalid cron 'foo bar baz qux quux'"),
+    (
+        "non-ascii-digit",
+        "\u0663 * * * *",
+        "invalid cron '\u0663 * * * *'; '\u0663' in the minute field is not a number (use 0-59, ranges such as 1-5 or steps such as */15)",
+    ),
     ("never-fires", "0 0 31 4 *", "invalid cron"),
     ("unknown-alias", "@fortnightly", "invalid cron"),
     ("reboot", "@reboot", "@reboot is not a schedule"),
@@ -320,6 +326,109 @@ def test_cron_problem_on_bad_crons(cron: str, fragment: str) -> None:
     problem = cron_problem(cron)
     assert problem is not None
     assert fragment in problem
+
+
+# The whole message, for every kind of mistake: it names the field, the value and what to write instead.
+CRON_MESSAGES = [
+    (
+        "day-name-typo",
+        "0 8 * * Mon-Fry",
+        "invalid cron '0 8 * * Mon-Fry'; 'Fry' in the day-of-week field is not a day name (use SUN-SAT or 0-7)",
+    ),
+    (
+        "month-name-typo",
+        "0 0 1 Jnu *",
+        "invalid cron '0 0 1 Jnu *'; 'Jnu' in the month field is not a month name (use JAN-DEC or 1-12)",
+    ),
+    (
+        "full-day-name",
+        "0 8 * * Monday",
+        "invalid cron '0 8 * * Monday'; 'Monday' in the day-of-week field is not a day name (use SUN-SAT or 0-7)",
+    ),
+    ("name-in-hour-field", "0 mon * * *", "invalid cron '0 mon * * *'; 'mon' in the hour field is not a number (use 0-23)"),
+    ("minute-61", "61 * * * *", "invalid cron '61 * * * *'; minute 61 is out of range 0-59"),
+    ("minute-negative", "-1 * * * *", "invalid cron '-1 * * * *'; minute -1 is out of range 0-59"),
+    ("hour-25-in-a-list", "0 8,25 * * *", "invalid cron '0 8,25 * * *'; hour 25 is out of range 0-23"),
+    ("hour-24-ends-a-range", "0 9-24 * * *", "invalid cron '0 9-24 * * *'; hour 24 is out of range 0-23"),
+    ("day-0", "0 0 0 * *", "invalid cron '0 0 0 * *'; day-of-month 0 is out of range 1-31"),
+    ("month-13", "0 0 1 13 *", "invalid cron '0 0 1 13 *'; month 13 is out of range 1-12"),
+    ("weekday-8", "0 0 * * 8", "invalid cron '0 0 * * 8'; day-of-week 8 is out of range 0-7"),
+    ("step-zero", "*/0 * * * *", "invalid cron '*/0 * * * *'; step 0 in the minute field ('*/0'); a step must be 1 or more"),
+    (
+        "step-not-a-number",
+        "*/x * * * *",
+        "invalid cron '*/x * * * *'; step 'x' in the minute field ('*/x') is not a number; write e.g. */15",
+    ),
+    (
+        "step-without-range",
+        "5/10 * * * *",
+        "invalid cron '5/10 * * * *'; '5/10' in the minute field: a step needs a range; write 5-59/10 or */10",
+    ),
+    (
+        "reversed-range",
+        "0 22-2 * * *",
+        "invalid cron '0 22-2 * * *'; range '22-2' in the hour field runs backwards; cron ranges run upward "
+        "(to wrap around, write two ranges: 22-23,0-2)",
+    ),
+    (
+        "reversed-day-names",
+        "0 0 * * fri-mon",
+        "invalid cron '0 0 * * fri-mon'; range 'fri-mon' in the day-of-week field runs backwards; cron ranges run upward "
+        "(to wrap around, write two ranges: fri-7,0-mon)",
+    ),
+    (
+        "half-a-range",
+        "0 9- * * *",
+        "invalid cron '0 9- * * *'; '9-' in the hour field is not a range; write FIRST-LAST, e.g. 0-23",
+    ),
+    (
+        "empty-list-item",
+        "0,,30 * * * *",
+        "invalid cron '0,,30 * * * *'; empty item in the minute field '0,,30'; separate values with single commas",
+    ),
+    ("quartz-last-day", "0 0 L * *", "invalid cron '0 0 L * *'; 'L' in the day-of-month field: cron (cronie) has no ?, L, W or # syntax"),
+    (
+        "quartz-question-mark",
+        "0 0 ? * 1",
+        "invalid cron '0 0 ? * 1'; '?' in the day-of-month field: cron (cronie) has no ?, L, W or # syntax",
+    ),
+    (
+        "quartz-nth-weekday",
+        "0 0 * * 1#2",
+        "invalid cron '0 0 * * 1#2'; '1#2' in the day-of-week field: cron (cronie) has no ?, L, W or # syntax",
+    ),
+    (
+        "punctuation",
+        "0 9.5 * * *",
+        "invalid cron '0 9.5 * * *'; '9.5' in the hour field is not a number (use 0-23, ranges such as 1-5 or steps such as */15)",
+    ),
+    ("never-fires", "0 0 31 4 *", "invalid cron '0 0 31 4 *'; it never fires: day-of-month '31' never occurs in month '4'"),
+    (
+        "never-fires-feb-30",
+        "0 0 30,31 feb *",
+        "invalid cron '0 0 30,31 feb *'; it never fires: day-of-month '30,31' never occurs in month 'feb'",
+    ),
+    (
+        "unknown-shortcut",
+        "@fortnightly",
+        "invalid cron '@fortnightly'; unknown shortcut '@fortnightly' "
+        "(use @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or 5 fields)",
+    ),
+    (
+        "shortcut-is-case-sensitive",
+        "@Daily",
+        "invalid cron '@Daily'; unknown shortcut '@Daily' "
+        "(use @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or 5 fields)",
+    ),
+    ("six-fields", "0 0 * * * *", "cron '0 0 * * * *' has 6 fields; expected 5 (minute hour day-of-month month day-of-week)"),
+    ("reboot", "@reboot", "@reboot is not a schedule"),
+    ("empty", "", "cron is empty"),
+]
+
+
+@pytest.mark.parametrize(("cron", "message"), [c[1:] for c in CRON_MESSAGES], ids=[c[0] for c in CRON_MESSAGES])
+def test_cron_problem_says_exactly_what_is_wrong(cron: str, message: str) -> None:
+    assert cron_problem(cron) == message
 
 
 @pytest.mark.parametrize(
@@ -340,6 +449,13 @@ def test_cron_problem_on_bad_crons(cron: str, fragment: str) -> None:
         "@weekly",
         "@monthly",
         " 0 7 * * 1-5 ",
+        "0 9 */2 * MON",
+        "0 0 29 2 mon",
+        "*/100 * * * *",
+        "0 0 * * 0-7",
+        "0 0 * * sun-sat/2",
+        "0\t7\t*\t*\t1-5",
+        "007 07 01 01 *",
     ],
 )
 def test_cron_problem_on_good_crons(cron: str) -> None:
@@ -389,3 +505,19 @@ def test_isoformat(at: datetime, expected: str) -> None:
 @pytest.mark.parametrize("at", [u(2026, 3, 29, 1), datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=BERLIN), u(1999, 12, 31, 23, 59, 59)])
 def test_isoformat_round_trips_through_parse_instant(at: datetime) -> None:
     assert parse_instant(isoformat(at), BERLIN) == at.astimezone(UTC)
+
+
+# --------------------------------------------------------------------------- describe
+
+DESCRIBE = [
+    ("weekdays", "0 7 * * 1-5", "At 07:00, Monday through Friday"),
+    ("either-day-field", "0 9 1,15 * MON", "At 09:00, on day 1 and 15 of the month, or on Monday"),
+    ("both-day-fields", "0 9 */2 * MON", "At 09:00, every 2 days, and only on Monday"),
+    ("both-day-fields-range", "0 9 */2 * 1-5", "At 09:00, every 2 days, Monday through Friday (both day fields must match)"),
+    ("either-day-field-range", "30 2 1 * 1-5", "At 02:30, on day 1 of the month, Monday through Friday (either day field may match)"),
+]
+
+
+@pytest.mark.parametrize(("cron", "words"), [c[1:] for c in DESCRIBE], ids=[c[0] for c in DESCRIBE])
+def test_describe_says_how_the_day_fields_combine(cron: str, words: str) -> None:
+    assert describe(cron) == words

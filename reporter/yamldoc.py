@@ -1,0 +1,204 @@
+"""YAML text -> plain data and the line of every field, with bounded effort.
+
+At most MAX_NODES values, aliases and merge keys expanded, and MAX_DEPTH levels: a few hundred bytes
+of nested aliases (a "billion laughs") cannot take minutes and gigabytes, and a file under 1 MB is
+read in well under a second. Keys stay as written (YAML 1.1 would turn a report called `off:` into a
+boolean); a duplicate key is a problem, except where a key overrides one merged in with `<<`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from reporter.errors import ConfigError, Problem
+
+Path_ = tuple[str | int, ...]
+"""Where a field is: keys and list indexes from the top of the document."""
+
+MAX_NODES = 50_000
+"""Values (scalars, lists, mappings) a schedules.yaml may hold once aliases and merge keys are expanded."""
+MAX_DEPTH = 50
+"""How deeply lists and mappings may nest."""
+
+
+def dotted(loc: Path_) -> str:
+    """('reports', 'r1', 'recipients', 0) -> 'reports.r1.recipients[0]'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader; we walk its node tree ourselves to keep the line of every key."""
+
+
+# libyaml (the C parser PyYAML wheels ship) reads a megabyte in well under a second; the pure-Python
+# parser takes many seconds. Both give the same nodes and tags, so use C where it exists.
+_FastLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_ALIAS_HINT = "write the values out, or use fewer aliases"
+
+
+def _yaml_error(exc: yaml.YAMLError, file: str, text: str) -> ConfigError:
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ConfigError([Problem(file, None, "", f"YAML error: {exc}")])
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else None
+    what = exc.problem or exc.context or "invalid YAML"
+    if exc.context and exc.problem and exc.context_mark and exc.context_mark.line + 1 != line:
+        what = f"{exc.problem} ({exc.context} that starts on line {exc.context_mark.line + 1})"
+    if line is not None and "\t" in (text.splitlines()[line - 1 : line] or [""])[0]:
+        what += "; this line has a tab: indent with spaces"
+    return ConfigError([Problem(file, line, "", f"YAML syntax error: {what}")])
+
+
+def _measure(text: str, file: str) -> None:
+    """Refuse, before building anything, a document with too many values or nested too deeply.
+
+    The events are a flat stream (an alias is one event, however much it stands for), so this is
+    cheap and safe; the C composer that comes next recurses once per level of nesting.
+    """
+    loader = _FastLoader(text)
+    depth = count = 0
+    try:
+        while (event := loader.get_event()) is not None:
+            line = event.start_mark.line + 1 if event.start_mark else None
+            if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)):
+                count += 1
+                if count > MAX_NODES:
+                    raise ConfigError([Problem(file, line, "", f"more than {MAX_NODES:,} values; is this the right file?")])
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError([Problem(file, line, "", f"lists and mappings nested more than {MAX_DEPTH} levels deep")])
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file, text) from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem], set[Path_]]:
+    """(data, line of every field, problems, fields whose YAML value could not be read).
+
+    A duplicate key, a bad tag or merge key is a problem but the rest is still read, so the checks
+    after it see everything else; a file too big, too deep or not YAML at all raises ConfigError.
+    """
+    lines: dict[Path_, int] = {}
+    _measure(text, file)
+    try:
+        loader = _FastLoader(text)
+        try:
+            node = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file, text) from None
+    if node is None:
+        return None, lines, [], set()
+    problems: list[Problem] = []
+    broken: set[Path_] = set()
+    constructor = _LineLoader("")
+    # Aliases make a tree out of a graph: count every value as it is expanded, and stop at MAX_NODES.
+    budget = [MAX_NODES]
+    merged: dict[int, int] = {}
+    written: dict[int, set[int]] = {}
+
+    def key_of(path: Path_) -> Path_:
+        """The nearest mapping key on PATH: its line is where an alias is used, not where its anchor is."""
+        while path and not isinstance(path[-1], str):
+            path = path[:-1]
+        return path
+
+    def walk(n: yaml.Node, path: Path_, depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            why = f"aliases expand this file to more than {MAX_NODES:,} values; {_ALIAS_HINT}"
+            raise ConfigError([Problem(file, lines.get(key_of(path)), dotted(key_of(path)), why)])
+        lines.setdefault(path, n.start_mark.line + 1)
+        if depth > MAX_DEPTH:
+            problems.append(Problem(file, n.start_mark.line + 1, dotted(path), "nested too deeply"))
+            broken.add(path)
+            return None
+        if isinstance(n, yaml.MappingNode):
+            if _merged_size(n, merged, set()) > MAX_NODES:
+                why = f"merge keys (<<) expand to more than {MAX_NODES:,} values (or merge a mapping into itself); {_ALIAS_HINT}"
+                raise ConfigError([Problem(file, lines.get(key_of(path)), dotted(key_of(path)), why)])
+            # The keys written in this mapping itself, before merging (flattening changes the node in place).
+            own = written.setdefault(id(n), {id(k) for k, _ in n.value if k.tag != "tag:yaml.org,2002:merge"})
+            try:
+                constructor.flatten_mapping(n)
+            except yaml.YAMLError as exc:
+                problems.append(
+                    Problem(file, n.start_mark.line + 1, dotted(path), f"bad merge key: {getattr(exc, 'problem', None) or exc}")
+                )
+                broken.add(path)
+                return None
+            out: dict[Any, Any] = {}
+            origin: dict[Any, yaml.Node] = {}
+            for key_node, value_node in n.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    problems.append(Problem(file, key_node.start_mark.line + 1, dotted(path), "a key must be a plain value"))
+                    continue
+                # Keys as written: YAML 1.1 would turn a report called `off:` or `yes:` into a boolean.
+                key = key_node.value
+                if key in out and not (id(key_node) in own and id(origin[key]) in own):
+                    # A merged key (<<) is overridden by one written here, or by an earlier merge source: as YAML says.
+                    del out[key]
+                elif key in out:
+                    first = lines.get((*path, key))
+                    problems.append(
+                        Problem(
+                            file,
+                            key_node.start_mark.line + 1,
+                            dotted((*path, key)),
+                            f"duplicate key (first defined on line {first}); YAML would silently keep only the last",
+                        )
+                    )
+                    continue
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                origin[key] = key_node
+                out[key] = walk(value_node, (*path, key), depth + 1)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [walk(item, (*path, i), depth + 1) for i, item in enumerate(n.value)]
+        try:
+            return constructor.construct_object(n, deep=True)
+        except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
+            # A tagged scalar that does not fit its tag (`!!int three`, `!!bool nah`).
+            detail = getattr(exc, "problem", None) or f"{n.value!r} is not a valid {n.tag.rsplit(':', 1)[-1]}"
+            problems.append(Problem(file, n.start_mark.line + 1, dotted(path), f"bad value: {detail}"))
+            broken.add(path)
+            return None
+
+    data = walk(node, (), 0)
+    return data, lines, problems, broken
+
+
+def _merged_size(node: yaml.MappingNode, memo: dict[int, int], open_: set[int]) -> int:
+    """How many key-value pairs NODE has once its merge keys (<<) are flattened, without flattening.
+
+    Flattening copies every merged pair, so nested merges of merges grow exponentially; this counts
+    first (each mapping once). A mapping that merges itself counts as too many.
+    """
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        return MAX_NODES + 1
+    open_.add(id(node))
+    size = 0
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            size += sum(_merged_size(m, memo, open_) for m in sources if isinstance(m, yaml.MappingNode))
+        else:
+            size += 1
+        if size > MAX_NODES:
+            break
+    open_.discard(id(node))
+    memo[id(node)] = size
+    return size
