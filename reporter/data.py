@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -131,6 +132,9 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+_OWN_TRANSACTION = re.compile(r"^\s*(BEGIN|COMMIT|END)\b", re.IGNORECASE | re.MULTILINE)
+
+
 class Datasources:
     """SQLAlchemy engines, one per datasource, created on first use in this process."""
 
@@ -160,11 +164,20 @@ class Datasources:
         raw = engine.raw_connection()
         try:
             cursor = raw.cursor()
-            if engine.dialect.name == "sqlite":
-                cursor.executescript(script)
-            else:
-                cursor.execute(script)
-            raw.commit()
+            try:
+                if engine.dialect.name != "sqlite":
+                    cursor.execute(script)
+                elif _OWN_TRANSACTION.search(script):
+                    cursor.executescript(script)
+                else:
+                    # One transaction, so a worker seeding beside this one sees no tables or all of them.
+                    cursor.executescript(f"BEGIN IMMEDIATE;\n{script}\n;COMMIT;")
+                raw.commit()
+            except Exception:
+                raw.rollback()
+                if not sa.inspect(engine).get_table_names():
+                    raise
+                # another process seeded it first
         finally:
             raw.close()
 
