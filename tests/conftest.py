@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import gc
 import os
 import shutil
 import subprocess
@@ -154,6 +155,9 @@ def pg_url() -> Iterator[str]:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     yield url
+    # A connection to this database still open now was leaked by the test: say so in that test, not at some later
+    # garbage collection in an unrelated one.
+    gc.collect()
     with admin.connect() as conn:
         conn.execute(
             sa.text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()")
