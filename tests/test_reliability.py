@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 
 from reporter import defaults
-from reporter.ledger import Ledger
+from reporter.ledger import Ledger, Row
 from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, serving, wait_until
@@ -156,16 +156,21 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     workers = [start_worker(env, concurrency=2), start_worker(env, concurrency=2)]
     start_beat(env)  # for the sweep that finds deliveries of a worker killed outright
     started = time.monotonic()
-    dispatch_past_days(fresh_redis, days)
+    _, until = dispatch_past_days(fresh_redis, days)
     ledger = Ledger.from_url(project.db_url)
-    wait_until(lambda: len(ledger.rows(report="chaos")) == days * len(recipients), 60, "the dispatcher to record 32 rows")
+
+    def chaos_rows(status: str | None = None) -> list[Row]:
+        # The past days only: between 06:00 and 07:00 UTC beat's start-up dispatch also records today's coming 07:00.
+        return ledger.rows(report="chaos", status=status, until=until)
+
+    wait_until(lambda: len(chaos_rows()) == days * len(recipients), 60, "the dispatcher to record 32 rows")
 
     rng = random.Random(20261121)
     kills = {"child": 0, "worker": 0}
     in_flight_at_kill: set[tuple[str, str]] = set()
-    while time.monotonic() - started < 40 and not all(r.status == "sent" for r in ledger.rows(report="chaos")):
+    while time.monotonic() - started < 40 and not all(r.status == "sent" for r in chaos_rows()):
         time.sleep(rng.uniform(0.5, 1.5))
-        in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos", status="sending")}
+        in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in chaos_rows("sending")}
         victim = rng.choice([w for w in workers if w.proc.poll() is None])
         if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
             os.kill(rng.choice(kids), signal.SIGKILL)
@@ -178,16 +183,14 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     assert kills["child"] + kills["worker"] >= 3, kills
 
     try:
-        wait_until(
-            lambda: all(r.status == "sent" for r in ledger.rows(report="chaos")), 300 - (time.monotonic() - started), "every delivery"
-        )
+        wait_until(lambda: all(r.status == "sent" for r in chaos_rows()), 300 - (time.monotonic() - started), "every delivery")
     except AssertionError:
-        stuck = [(isoformat(r.slot), r.recipient, r.status, r.attempts, r.error) for r in ledger.rows(report="chaos") if r.status != "sent"]
+        stuck = [(isoformat(r.slot), r.recipient, r.status, r.attempts, r.error) for r in chaos_rows() if r.status != "sent"]
         logs = "\n".join(w.output()[-2500:] for w in workers)
         raise AssertionError(f"not sent after {time.monotonic() - started:.0f}s (kills: {kills}): {stuck}\n{logs}") from None
     took = time.monotonic() - started
     got = delivered(timed_inbox)
-    expected = {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos")}
+    expected = {(isoformat(r.slot), r.recipient) for r in chaos_rows()}
     missing = expected - set(got)
     duplicates = {key: n for key, n in got.items() if n > 1}
     after_data = {key: n for key, n in duplicates.items() if key in in_flight_at_kill}
@@ -350,6 +353,9 @@ def test_global_rate_limit_holds_across_workers_and_is_nearly_reached(
 # ----------------------------------------------------------------------------- time limits
 
 
+SENT_SLOT = datetime(2026, 1, 5, 7, tzinfo=UTC)
+"""The slot the misbehaving-report tests send by hand."""
+
 FINE_REPORT = """\
   fine:
     schedule: "0 7 * * *"
@@ -443,15 +449,16 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
     worker = start_worker(env, concurrency=2)
     start_beat(env)  # the sweep finds the killed attempt
     app = Celery("t", broker=fresh_redis, set_as_current=False)
-    app.send_task("email_reports.send", args=("stubborn", "2026-01-05T07:00:00Z"), queue="reporter.scheduled")
+    app.send_task("email_reports.send", args=("stubborn", isoformat(SENT_SLOT)), queue="reporter.scheduled")
     app.send_task("email_reports.send", args=("fine", "2026-01-05T07:00:00Z"), queue="reporter.scheduled")
     wait_until(lambda: "Hard time limit (4" in worker.output(), 60, "the hard limit to kill the render")
     wait_until(lambda: any(m["Subject"] == "Fine" for m in inbox.messages), 60, "the other report")
     ledger = Ledger.from_url(project.db_url)
     # The killed attempt's claim goes stale after the hard limit + 30 s; the next sweep gives up on it.
-    wait_until(lambda: [r.status for r in ledger.rows(report="stubborn")] == ["failed"], 150, "the sweep to give up")
-    [row] = ledger.rows(report="stubborn")
+    # This slot's row (between 06:00 and 07:00 UTC beat's start-up dispatch also records today's coming 07:00).
+    wait_until(lambda: [r.status for r in ledger.rows(report="stubborn", slot=SENT_SLOT)] == ["failed"], 150, "the sweep to give up")
+    [row] = ledger.rows(report="stubborn", slot=SENT_SLOT)
     assert row.error and "attempts ended without a result" in row.error, row.error
     wait_until(lambda: any(rcpts == ["owner@example.com"] for _, rcpts in inbox.envelopes), 30, "the owners' notice")
-    assert [m["Subject"] for m in inbox.messages if m["Subject"] == "Fine"] == ["Fine"]
+    assert len([m for m in inbox.messages if m["Subject"] == "Fine" and ".20260105T070000Z." in m["Message-ID"]]) == 1
     ledger.dispose()
