@@ -102,8 +102,8 @@ class ClaimedSlot:
         return self.result.slot
 
     def sending(self, rows: Sequence[str], msg_id: str) -> bool:
-        """Commit ROWS as `sending` message MSG_ID; False if the claim was taken over (then they are
-        this execution's no longer)."""
+        """Commit ROWS as `sending` message MSG_ID; False if the claim was taken over, so that they are
+        no longer this execution's."""
         if self.ledger.mark_sending(self.token, self.report, self.slot, rows, msg_id):
             return True
         self._settled(rows)
@@ -263,6 +263,7 @@ def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mai
         with held.transaction(message.rows):
             outcome = mailer.send(msg, parseaddr(mailing.sender)[1], [*message.to, *message.cc], blind=list(message.bcc))
     except TransientDeliveryError as exc:
+        # The server or the network is in trouble: give back this message and every later one.
         held.retry(mailing.rows_from(index), str(exc), time.monotonic() - started - waited, msg_id)
         return False
     except PermanentDeliveryError as exc:
