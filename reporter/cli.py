@@ -9,10 +9,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from functools import wraps
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,7 +21,16 @@ from reporter import defaults
 from reporter.errors import BrokerUnavailable, ConfigError, ReporterError
 from reporter.settings import Settings, mask_url
 
+if TYPE_CHECKING:  # the commands import these when they run, so that `reporter --help` starts fast
+    from reporter.config import Config
+    from reporter.ledger import Row
+    from reporter.runtime import Runtime
+    from reporter.status import Check
+
 EXIT_OK, EXIT_INPUT, EXIT_DELIVERY = 0, 1, 2
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class Context:
@@ -30,13 +39,14 @@ class Context:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def config(self) -> Any:
+    def config(self) -> Config:
         """The config, if it passes every check `reporter validate` makes; else ConfigError."""
         from reporter.checks import load_checked
 
         return load_checked(self.settings.config_path, self.settings.environ, self.settings.templates_dir)
 
-    def runtime(self, local_limiter: bool = False) -> Any:
+    def runtime(self, local_limiter: bool = False) -> Runtime:
+        """A Runtime for this process; LOCAL_LIMITER: a rate limit of its own, shared with no worker."""
         from reporter import ratelimit, runtime
 
         rt = runtime.build(self.settings)
@@ -50,11 +60,11 @@ def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     sys.exit(code)
 
 
-def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn reporter's own errors into a message and exit 1, never a traceback."""
 
     @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return func(*args, **kwargs)
         except ConfigError as exc:
@@ -72,7 +82,7 @@ def handles_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
@@ -82,7 +92,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([fmt(list(headers)), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
 
 
-def parse_slot(text: str | None, zone: Any) -> datetime | None:
+def parse_slot(text: str | None, zone: tzinfo) -> datetime | None:
     from reporter.schedule import parse_instant
 
     if text is None:
@@ -284,7 +294,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
 
 
-def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) -> None:
+def _send_async(rt: Runtime, report: str, at: datetime, to: list[str], wait: int) -> None:
     from reporter.audience import audience
     from reporter.dispatch import Due
     from reporter.ledger import FINAL
@@ -315,7 +325,7 @@ def _send_async(rt: Any, report: str, at: datetime, to: list[str], wait: int) ->
         fail(f"{rt.settings.broker.unreachable(exc)}; or use --sync")
     click.echo(f"queued {report} for {at.isoformat()} on {defaults.QUEUE_URGENT}; waiting up to {wait}s", err=True)
     deadline = time.monotonic() + wait
-    rows: list[Any] = []
+    rows: list[Row] = []
     while time.monotonic() < deadline:
         rows = rt.ledger.rows(report=report, slot=at)
         if rows and all(r.status in FINAL for r in rows if r.recipient in keys):
@@ -394,7 +404,7 @@ def _broker(settings: Settings) -> str:
     return settings.broker.require()  # the one rule, as celery_app uses it
 
 
-def _verdict(check: Any, settings: Settings | None = None) -> NoReturn:
+def _verdict(check: Check, settings: Settings | None = None) -> NoReturn:
     reason = f"{check.reason}; {settings.broker.advice()}" if settings is not None and check.broker_down else check.reason
     click.echo(("ok: " if check.ok else "unhealthy: ") + reason, err=not check.ok)
     sys.exit(EXIT_OK if check.ok else EXIT_INPUT)

@@ -1,4 +1,4 @@
-"""Send one report slot: claim the recipients' ledger rows, render once, send each, record each.
+"""Send one report slot: claim the recipients' ledger rows, render once, send each message, record each.
 
 Plain functions over a Runtime, so tests and `reporter send --sync` call them without a broker; the
 Celery task in tasks.py only adds retries and time limits around `send_slot`.
@@ -6,155 +6,24 @@ Celery task in tasks.py only adds retries and time limits around `send_slot`.
 
 from __future__ import annotations
 
-import json
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import parseaddr
-from functools import cached_property
-from typing import TYPE_CHECKING, Any, Protocol
+from types import TracebackType
+from typing import Any
 
-from reporter.audience import audience, envelopes
-from reporter.config import Config
+from reporter.audience import Audience, Envelope, audience, envelopes
+from reporter.config import Report
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
-from reporter.mail import Transport, build, list_headers, message_id, transport
-from reporter.ratelimit import Limiter
-from reporter.render import Renderer
+from reporter.mail import Transport, build, list_headers, message_id
+from reporter.observers import Delivery, Observer
+from reporter.render import Rendered
+from reporter.runtime import Runtime
 from reporter.schedule import isoformat
-from reporter.settings import Settings
-
-if TYPE_CHECKING:
-    from reporter.live import Live
-
-log = logging.getLogger(__name__)
-
-CLAIM_MARGIN = 30
-"""Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What happened to one email: what observers (logs, metrics) are told."""
-
-    report: str
-    slot: datetime
-    recipient: str
-    status: str
-    """sent, failed (for good) or retry (handed back for another attempt)"""
-    seconds: float
-    message_id: str | None
-    size: int | None
-    error: str | None
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "report": self.report,
-            "slot": isoformat(self.slot),
-            "recipient": self.recipient,
-            "status": self.status,
-            "duration_ms": int(self.seconds * 1000),
-            "message_id": self.message_id,
-            "size": self.size,
-            "error": self.error,
-            "lag_s": round((datetime.now(UTC) - self.slot).total_seconds(), 3),
-        }
-
-
-class Observer(Protocol):
-    """Told of each render and each delivery (metrics, structured logs)."""
-
-    def rendered(self, report: str, slot: datetime, seconds: float, rows: int) -> None: ...
-
-    def delivered(self, delivery: Delivery) -> None: ...
-
-    def configured(self, version: str, problems: int) -> None: ...
-
-
-class LogObserver:
-    """One log line per delivery: key=value, or a JSON object with `as_json`."""
-
-    def __init__(self, as_json: bool = False) -> None:
-        self.as_json = as_json
-
-    def rendered(self, report: str, slot: datetime, seconds: float, rows: int) -> None:
-        log.debug("rendered report=%s slot=%s rows=%d ms=%d", report, isoformat(slot), rows, seconds * 1000)
-
-    def delivered(self, delivery: Delivery) -> None:
-        fields = delivery.fields()
-        if self.as_json:
-            log.info("%s", json.dumps({"event": "delivery", **fields}, sort_keys=False))
-        else:
-            log.info("delivery %s", " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
-
-    def configured(self, version: str, problems: int) -> None:
-        pass  # live.py logs configuration changes and problems itself
-
-
-@dataclass
-class Runtime:
-    """What a process needs to send: settings, config, ledger, renderer, rate limiter, transport."""
-
-    settings: Settings
-    config: Config
-    ledger: Ledger
-    limiter: Limiter
-    transport_factory: Callable[[], Transport] | None = None
-    observers: list[Observer] = field(default_factory=list)
-    live: Live | None = None
-    """Follows edits of schedules.yaml (live.py); None: this runtime keeps the config it was built with."""
-
-    def follow(self, version: str | None = None) -> Config:
-        """Apply an edited configuration if the files hold a valid one; with VERSION (what a task was
-        dispatched under), make sure the config is that version or a newer one. ConfigError if it cannot be had."""
-        if self.live is not None:
-            self.live.refresh()
-            self.live.at_least(version)
-        return self.config
-
-    def use(self, config: Config) -> None:
-        """Run CONFIG from now on; what was built from the previous one is built again on first use."""
-        renderer = self.__dict__.pop("renderer", None)
-        self.__dict__.pop("stale_after", None)
-        self.config = config
-        if renderer is not None:
-            renderer.datasources.dispose()
-
-    def tell(self, event: str, *args: Any) -> None:
-        """Call every observer's EVENT; an observer's failure never stops a delivery."""
-        for observer in self.observers:
-            try:
-                getattr(observer, event)(*args)
-            except Exception:  # metrics and logs must never break sending
-                log.exception("observer %r failed on %s", observer, event)
-
-    @cached_property
-    def renderer(self) -> Renderer:
-        return Renderer(self.config)
-
-    def transport(self) -> Transport:
-        if self.transport_factory is not None:
-            return self.transport_factory()
-        return transport(self.settings.smtp_url, self.settings.outbox)
-
-    def time_limits(self, name: str) -> tuple[float, float]:
-        """(soft, hard) seconds for one send of report NAME: the config's, plus the time its
-        recipients wait for the rate limit, so a report is not cut off by its own limit."""
-        report = self.config.reports[name]
-        # One message per To address (or one for all), and one more when Cc/Bcc must go on their own.
-        messages = (1 if report.group else len(report.recipients)) + (1 if report.cc or report.bcc else 0)
-        waiting = messages / self.config.rate_of(report)
-        d = self.config.defaults
-        return d.soft_time_limit + waiting, d.time_limit + waiting
-
-    @cached_property
-    def stale_after(self) -> float:
-        """Seconds after which another execution's claim is taken to be dead: longer than any send
-        task may live (its hard limit), so the claim of a task that is still running is never taken."""
-        hard = max((self.time_limits(name)[1] for name in self.config.reports), default=self.config.defaults.time_limit)
-        return hard + CLAIM_MARGIN
 
 
 @dataclass
@@ -190,6 +59,144 @@ class SendResult:
         }
 
 
+class ClaimedSlot:
+    """The ledger rows of one (report, slot) that one execution claimed, and what becomes of each.
+
+    Bound to the ledger, the claim's token, the execution's result and the observers, so that each
+    outcome is written, noted and told the same way: `sent`, `failed` and `retry` write the ledger
+    (one statement for all the recipients given), then note each recipient in the result and tell the
+    observers once per recipient. The exactly-once invariants of docs/reliability.md live here:
+
+    - Only claimed rows change: every write names this claim's token and touches rows still in
+      flight (`rendering`, `sending`) only, so `sent`, `failed` and `skipped` stay final, and a
+      claim another execution took over (this one outlived it) changes nothing.
+    - `sending` is committed before a message's SMTP transaction starts; when it changes no row,
+      the claim was taken over and the message is not sent (its new holder sends it).
+    - From the start of the SMTP transaction (`transaction`) until their outcome is recorded, the
+      rows are in flight: the server may have the message, so nothing hands them back. Interrupted
+      there (soft time limit, shutdown, a killed process) they stay `sending`, and the sweep sends
+      them again once the claim is stale: at least once, with the same Message-ID.
+    - A transaction that ends in an SMTP error or a failed connection left the server without the
+      message: its rows are no longer in flight and may be handed back.
+    - Leaving the `with` block, for whatever reason, `release` hands back (`queued`) exactly the
+      claimed rows never tried, so another execution can send them at once; nobody is told, as
+      nothing was delivered (the task retries or gives up on them).
+    """
+
+    def __init__(self, ledger: Ledger, observers: Observer, result: SendResult, token: str, rows: Sequence[str]) -> None:
+        self.ledger = ledger
+        self.observers = observers
+        self.result = result
+        self.token = token
+        self.pending: list[str] = list(rows)
+        """Claimed rows whose outcome is not recorded yet."""
+        self.in_flight: list[str] = []
+        """Rows of the SMTP transaction under way or answered and not yet recorded."""
+
+    @property
+    def report(self) -> str:
+        return self.result.report
+
+    @property
+    def slot(self) -> datetime:
+        return self.result.slot
+
+    def sending(self, rows: Sequence[str], msg_id: str) -> bool:
+        """Commit ROWS as `sending` message MSG_ID; False if the claim was taken over, so that they are
+        no longer this execution's."""
+        if self.ledger.mark_sending(self.token, self.report, self.slot, rows, msg_id):
+            return True
+        self._settled(rows)
+        return False
+
+    @contextmanager
+    def transaction(self, rows: Sequence[str]) -> Iterator[None]:
+        """Around the SMTP transaction of ROWS' message: in flight from its start, unless it fails."""
+        self.in_flight = list(rows)
+        try:
+            yield
+        except (TransientDeliveryError, PermanentDeliveryError):
+            self.in_flight = []  # the server refused the message or never got it
+            raise
+
+    def sent(self, recipients: Sequence[str], msg_id: str, seconds: float, size: int, waited: float) -> None:
+        """RECIPIENTS got message MSG_ID: SIZE bytes in an SMTP transaction of SECONDS, after WAITED
+        seconds for the rate limit."""
+        self.ledger.mark_sent(self.token, self.report, self.slot, recipients, msg_id, int(seconds * 1000), size, int(waited * 1000))
+        self._tell(recipients, "sent", None, seconds, msg_id, size)
+
+    def failed(self, recipients: Sequence[str], error: str, seconds: float = 0.0, msg_id: str | None = None) -> None:
+        """RECIPIENTS' delivery failed for good with ERROR."""
+        self.ledger.mark_failed(self.token, self.report, self.slot, recipients, error)
+        self._tell(recipients, "failed", error, seconds, msg_id)
+
+    def retry(self, recipients: Sequence[str], error: str, seconds: float = 0.0, msg_id: str | None = None) -> None:
+        """RECIPIENTS' delivery failed with a transient ERROR: hand them back to be tried again."""
+        self.ledger.release(self.token, self.report, self.slot, recipients, error)
+        self._tell(recipients, "retry", error, seconds, msg_id)
+
+    def release(self, why: str = "interrupted before sending") -> None:
+        """Hand back the claimed rows never tried; those in flight stay `sending`."""
+        untried = [r for r in self.pending if r not in self.in_flight]
+        if untried:
+            self.ledger.release(self.token, self.report, self.slot, untried, why)
+            self._settled(untried)
+
+    def __enter__(self) -> ClaimedSlot:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None) -> None:
+        self.release()
+
+    def _tell(
+        self, recipients: Sequence[str], status: str, error: str | None, seconds: float, msg_id: str | None, size: int | None = None
+    ) -> None:
+        result = self.result
+        for recipient in recipients:
+            if status == "sent":
+                result.sent[recipient] = msg_id or ""
+            elif status == "failed":
+                result.failed[recipient] = error or ""
+            else:
+                result.retry[recipient] = error or ""
+            self.observers.delivered(Delivery(self.report, self.slot, recipient, status, seconds, msg_id, size, error))
+        self._settled(recipients)
+
+    def _settled(self, rows: Sequence[str]) -> None:
+        done = set(rows)
+        self.pending = [r for r in self.pending if r not in done]
+        self.in_flight = [r for r in self.in_flight if r not in done]
+
+
+@dataclass(frozen=True)
+class Mailing:
+    """One rendered slot's messages, and what they all share."""
+
+    rendered: Rendered
+    who: Audience
+    messages: tuple[Envelope, ...]
+    sender: str
+    headers: dict[str, str]
+    with_html: bool
+    group: bool
+    bucket: str
+    """The rate limit's bucket: the report's own, or the shared default one"""
+    rate: float
+
+    @classmethod
+    def of(cls, rt: Runtime, name: str, report: Report, rendered: Rendered, who: Audience, rows: Sequence[str]) -> Mailing:
+        """The messages that deliver ROWS of report NAME once each."""
+        sender = rt.config.sender_of(report)
+        headers = list_headers(name, report.description, report.owners, sender, rt.config.unsubscribe_url_of(report))
+        bucket = name if report.rate_limit else "default"
+        messages = tuple(envelopes(who, rows, report.group))
+        return cls(rendered, who, messages, sender, headers, "html" in report.formats, report.group, bucket, rt.config.rate_of(report))
+
+    def rows_from(self, index: int) -> list[str]:
+        """The rows of message INDEX and of every message after it."""
+        return [r for m in self.messages[index:] for r in m.rows]
+
+
 def send_slot(
     rt: Runtime, name: str, slot: datetime, only: Sequence[str] | None = None, trigger: str = "schedule", task_id: str | None = None
 ) -> SendResult:
@@ -204,118 +211,77 @@ def send_slot(
     result.busy, result.busy_until = list(claim.busy), claim.busy_until
     if not claim.mine:
         return result
-
-    pending = list(claim.mine)
-    in_flight: list[str] = []
-    try:
-        render_started = time.monotonic()
-        try:
-            rendered = rt.renderer.render(name, slot)
-            result.rendered = True
-        except RenderError as exc:
-            rt.ledger.mark_failed(claim.token, name, slot, pending, str(exc))
-            record(rt, result, pending, "failed", str(exc))
-            pending = []
+    # However this block is left (soft time limit, shutdown), what was never tried is handed back.
+    with ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine) as held:
+        rendered = render_once(rt, held)
+        if rendered is None:
             return result
-        except TransientDeliveryError as exc:
-            rt.ledger.release(claim.token, name, slot, pending, str(exc))
-            record(rt, result, pending, "retry", str(exc))
-            pending = []
-            return result
-        rt.tell("rendered", name, slot, time.monotonic() - render_started, rendered.row_count)
-
-        sender = rt.config.sender_of(report)
-        with_html = "html" in report.formats
-        groups = envelopes(who, pending, report.group)
-        headers = list_headers(name, report.description, report.owners, sender, rt.config.unsubscribe_url_of(report))
-        rate = rt.config.rate_of(report)
-        bucket = name if report.rate_limit else "default"
+        mailing = Mailing.of(rt, name, report, rendered, who, held.pending)
         mailer = rt.transport()
         try:
-            for message in groups:
-                group = message.rows
-                msg_id = message_id(name, slot, message.id_key(report.group), sender)
-                to, cc = [who.to[r] for r in message.to], [who.cc[r] for r in message.cc]
-                msg = build(rendered, sender, to, cc, msg_id, with_html, headers)
-                if not rt.ledger.mark_sending(claim.token, name, slot, group, msg_id):
-                    # Our claim was taken over (this run outlived it): its new holder sends.
-                    pending = [r for r in pending if r not in group]
-                    continue
-                started = time.monotonic()
-                waited = 0.0
-                try:
-                    # Connect first and reserve the send time last, so sends reach the server spaced
-                    # as the limit says.
-                    mailer.connect()
-                    waiting = time.monotonic()
-                    rt.limiter.acquire(bucket, rate)
-                    waited = time.monotonic() - waiting
-                    in_flight = group  # from here until the reply, the server may have the message
-                    outcome = mailer.send(msg, parseaddr(sender)[1], [*message.to, *message.cc], blind=list(message.bcc))
-                except TransientDeliveryError as exc:
-                    # The server or the network is in trouble: give back this group and the rest.
-                    in_flight = []
-                    rest = [r for g in groups[groups.index(message) :] for r in g.rows]
-                    rt.ledger.release(claim.token, name, slot, rest, str(exc))
-                    record(rt, result, rest, "retry", str(exc), time.monotonic() - started - waited, msg_id)
-                    pending = []
+            for index in range(len(mailing.messages)):
+                if not send_message(rt, held, mailer, mailing, index):
                     break
-                except PermanentDeliveryError as exc:
-                    in_flight = []
-                    rt.ledger.mark_failed(claim.token, name, slot, group, str(exc))
-                    record(rt, result, group, "failed", str(exc), time.monotonic() - started - waited, msg_id)
-                    pending = [r for r in pending if r not in group]
-                    continue
-                seconds = time.monotonic() - started - waited  # the SMTP transaction, not the rate limit's wait
-                size = len(msg.as_bytes())
-                # The server has the message: from here an interruption must not hand these rows
-                # back (that would resend); unrecorded ones stay 'sending' (docs/reliability.md).
-                pending = [r for r in pending if r not in group]
-                for recipient in group:
-                    refused = outcome.refused.get(recipient)
-                    if refused is None:
-                        rt.ledger.mark_sent(claim.token, name, slot, [recipient], msg_id, int(seconds * 1000), size, int(waited * 1000))
-                        record(rt, result, [recipient], "sent", None, seconds, msg_id, size)
-                        continue
-                    error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
-                    if 400 <= refused[0] < 500:
-                        rt.ledger.release(claim.token, name, slot, [recipient], error)
-                        record(rt, result, [recipient], "retry", error, seconds, msg_id)
-                    else:
-                        rt.ledger.mark_failed(claim.token, name, slot, [recipient], error)
-                        record(rt, result, [recipient], "failed", error, seconds, msg_id)
-                in_flight = []
         finally:
             mailer.close()
-    finally:
-        # Interrupted (soft time limit, shutdown): hand back what was never tried. A message whose
-        # SMTP transaction was under way stays 'sending' until its claim goes stale: whether the
-        # server accepted it is unknown, and docs/reliability.md says how that case is resolved.
-        untried = [r for r in pending if r not in in_flight]
-        if untried:
-            rt.ledger.release(claim.token, name, slot, untried, "interrupted before sending")
     return result
 
 
-def record(
-    rt: Runtime,
-    result: SendResult,
-    recipients: Sequence[str],
-    status: str,
-    error: str | None,
-    seconds: float = 0.0,
-    msg_id: str | None = None,
-    size: int | None = None,
-) -> None:
-    """Note RECIPIENTS' outcome in the result and tell the observers."""
-    for recipient in recipients:
-        if status == "sent":
-            result.sent[recipient] = msg_id or ""
-        elif status == "failed":
-            result.failed[recipient] = error or ""
+def render_once(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
+    """HELD's slot rendered once for all its recipients; None if it cannot be (recorded for each)."""
+    started = time.monotonic()
+    try:
+        rendered = rt.renderer.render(held.report, held.slot)
+    except RenderError as exc:
+        held.failed(held.pending, str(exc))
+        return None
+    except TransientDeliveryError as exc:
+        held.retry(held.pending, str(exc))
+        return None
+    held.result.rendered = True
+    rt.observers.rendered(held.report, held.slot, time.monotonic() - started, rendered.row_count)
+    return rendered
+
+
+def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mailing, index: int) -> bool:
+    """Send message INDEX of MAILING and record each of its rows. False if the server or the network is
+    in trouble: then its rows and those of every later message are handed back for a retry."""
+    message = mailing.messages[index]
+    msg_id = message_id(held.report, held.slot, message.id_key(mailing.group), mailing.sender)
+    to, cc = [mailing.who.to[r] for r in message.to], [mailing.who.cc[r] for r in message.cc]
+    msg = build(mailing.rendered, mailing.sender, to, cc, msg_id, mailing.with_html, mailing.headers)
+    if not held.sending(message.rows, msg_id):
+        return True  # our claim was taken over (this run outlived it): its new holder sends
+    started = time.monotonic()
+    waited = 0.0
+    try:
+        # Connect first and reserve the send time last, so sends reach the server spaced as the limit says.
+        mailer.connect()
+        waiting = time.monotonic()
+        rt.limiter.acquire(mailing.bucket, mailing.rate)
+        waited = time.monotonic() - waiting
+        with held.transaction(message.rows):
+            outcome = mailer.send(msg, parseaddr(mailing.sender)[1], [*message.to, *message.cc], blind=list(message.bcc))
+    except TransientDeliveryError as exc:
+        # The server or the network is in trouble: give back this message and every later one.
+        held.retry(mailing.rows_from(index), str(exc), time.monotonic() - started - waited, msg_id)
+        return False
+    except PermanentDeliveryError as exc:
+        held.failed(message.rows, str(exc), time.monotonic() - started - waited, msg_id)
+        return True
+    seconds = time.monotonic() - started - waited  # the SMTP transaction, not the rate limit's wait
+    size = len(msg.as_bytes())
+    for recipient in message.rows:  # in flight until recorded: an interruption leaves them 'sending'
+        refused = outcome.refused.get(recipient)
+        if refused is None:
+            held.sent([recipient], msg_id, seconds, size, waited)
+            continue
+        error = f"SMTP {refused[0]} {refused[1]} for {recipient}"
+        if 400 <= refused[0] < 500:
+            held.retry([recipient], error, seconds, msg_id)
         else:
-            result.retry[recipient] = error or ""
-        rt.tell("delivered", Delivery(result.report, result.slot, recipient, status, seconds, msg_id, size, error))
+            held.failed([recipient], error, seconds, msg_id)
+    return True
 
 
 def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
@@ -324,5 +290,4 @@ def fail_for_good(rt: Runtime, result: SendResult, why: str) -> None:
         claim = rt.ledger.claim(result.report, result.slot, [recipient], rt.stale_after, attempt=False)
         del result.retry[recipient]
         if claim.mine:
-            rt.ledger.mark_failed(claim.token, result.report, result.slot, claim.mine, f"{error} ({why})")
-            record(rt, result, [recipient], "failed", f"{error} ({why})")
+            ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine).failed(claim.mine, f"{error} ({why})")

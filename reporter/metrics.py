@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from reporter.deliver import Delivery
+from reporter.observers import Delivery
 
 log = logging.getLogger(__name__)
 

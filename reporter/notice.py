@@ -9,9 +9,10 @@ from email.utils import format_datetime, make_msgid, parseaddr
 
 from reporter import defaults
 from reporter.config import normalize_address
-from reporter.deliver import Runtime, SendResult
+from reporter.deliver import SendResult
 from reporter.errors import DeliveryError
 from reporter.mail import SMTP_POLICY, addresses
+from reporter.runtime import Runtime
 from reporter.schedule import isoformat
 
 log = logging.getLogger(__name__)

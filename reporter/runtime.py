@@ -1,4 +1,4 @@
-"""The per-process Runtime: settings, config, ledger and limiter, built once per process.
+"""The per-process Runtime: settings, config, ledger, limiter and observers, built once per process.
 
 Worker children get their own after the fork (database connections must not cross a fork), but keep
 the configuration the parent ran: a child forked while schedules.yaml holds a broken edit still runs
@@ -8,14 +8,79 @@ the last good version (live.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from reporter import live as live_mod
 from reporter import ratelimit
 from reporter.config import Config
-from reporter.deliver import LogObserver, Observer, Runtime
 from reporter.ledger import Ledger
-from reporter.mail import destination
+from reporter.mail import Transport, destination, transport
+from reporter.observers import LogObserver, Observers
+from reporter.ratelimit import Limiter
+from reporter.render import Renderer
 from reporter.settings import Settings
+
+CLAIM_MARGIN = 30
+"""Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
+
+
+@dataclass
+class Runtime:
+    """What a process needs to send: settings, config, ledger, renderer, rate limiter, transport."""
+
+    settings: Settings
+    config: Config
+    ledger: Ledger
+    limiter: Limiter
+    transport_factory: Callable[[], Transport] | None = None
+    observers: Observers = field(default_factory=Observers)
+    live: live_mod.Live | None = None
+    """Follows edits of schedules.yaml (live.py); None: this runtime keeps the config it was built with."""
+
+    def follow(self, version: str | None = None) -> Config:
+        """Apply an edited configuration if the files hold a valid one; with VERSION (what a task was
+        dispatched under), make sure the config is that version or a newer one. ConfigError if it cannot be had."""
+        if self.live is not None:
+            self.live.refresh()
+            self.live.at_least(version)
+        return self.config
+
+    def use(self, config: Config) -> None:
+        """Run CONFIG from now on; what was built from the previous one is built again on first use."""
+        renderer = self.__dict__.pop("renderer", None)
+        self.__dict__.pop("stale_after", None)
+        self.config = config
+        if renderer is not None:
+            renderer.datasources.dispose()
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.config)
+
+    def transport(self) -> Transport:
+        if self.transport_factory is not None:
+            return self.transport_factory()
+        return transport(self.settings.smtp_url, self.settings.outbox)
+
+    def time_limits(self, name: str) -> tuple[float, float]:
+        """(soft, hard) seconds for one send of report NAME: the config's, plus the time its
+        recipients wait for the rate limit, so a report is not cut off by its own limit."""
+        report = self.config.reports[name]
+        # One message per To address (or one for all), and one more when Cc/Bcc must go on their own.
+        messages = (1 if report.group else len(report.recipients)) + (1 if report.cc or report.bcc else 0)
+        waiting = messages / self.config.rate_of(report)
+        d = self.config.defaults
+        return d.soft_time_limit + waiting, d.time_limit + waiting
+
+    @cached_property
+    def stale_after(self) -> float:
+        """Seconds after which another execution's claim is taken to be dead: longer than any send
+        task may live (its hard limit), so the claim of a task that is still running is never taken."""
+        hard = max((self.time_limits(name)[1] for name in self.config.reports), default=self.config.defaults.time_limit)
+        return hard + CLAIM_MARGIN
+
 
 _cache: tuple[int, Runtime] | None = None
 _inherited: Config | None = None
@@ -27,7 +92,7 @@ def build(settings: Settings, config: Config | None = None) -> Runtime:
     inherited = config is not None
     config = config or live_mod.load_checked(settings)
     destination(settings.smtp_url, settings.outbox)  # refuse a malformed REPORTER_SMTP_URL now, not on every send
-    observers: list[Observer] = [LogObserver(as_json=settings.log_json)]
+    observers = Observers([LogObserver(as_json=settings.log_json)])
     if settings.metrics_port is not None:
         from reporter.metrics import PrometheusObserver
 
@@ -40,10 +105,10 @@ def build(settings: Settings, config: Config | None = None) -> Runtime:
         config,
         ledger,
         on_change=lambda _old, new: rt.use(new),
-        on_state=lambda version, problems: rt.tell("configured", version, problems),
+        on_state=lambda version, problems: rt.observers.configured(version, problems),
         loaded=not inherited,
     )
-    rt.tell("configured", config.version, 0)
+    rt.observers.configured(config.version, 0)
     return rt
 
 

@@ -14,12 +14,12 @@ from reporter import defaults
 from reporter.audience import audience
 from reporter.beat import dispatcher_cron
 from reporter.celery_app import app
-from reporter.deliver import Runtime, SendResult, fail_for_good, send_slot
+from reporter.deliver import SendResult, fail_for_good, send_slot
 from reporter.dispatch import Due, dispatch
 from reporter.errors import ConfigError
 from reporter.ledger import Stuck
 from reporter.notice import notify_owners
-from reporter.runtime import runtime
+from reporter.runtime import Runtime, runtime
 from reporter.schedule import isoformat, next_fire, parse_instant
 
 log = logging.getLogger(__name__)
