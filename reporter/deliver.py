@@ -20,7 +20,7 @@ from reporter.audience import audience, envelopes
 from reporter.config import Config
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
-from reporter.mail import Transport, build, list_headers, message_id, transport
+from reporter.mail import MessageFactory, Transport, list_headers, message_id, transport
 from reporter.ratelimit import Limiter
 from reporter.render import Renderer
 from reporter.schedule import isoformat
@@ -228,6 +228,7 @@ def send_slot(
         with_html = "html" in report.formats
         groups = envelopes(who, pending, report.group)
         headers = list_headers(name, report.description, report.owners, sender, rt.config.unsubscribe_url_of(report))
+        messages = MessageFactory(rendered, sender, with_html, headers)  # the body encoded once for every message
         rate = rt.config.rate_of(report)
         bucket = name if report.rate_limit else "default"
         mailer = rt.transport()
@@ -236,7 +237,7 @@ def send_slot(
                 group = message.rows
                 msg_id = message_id(name, slot, message.id_key(report.group), sender)
                 to, cc = [who.to[r] for r in message.to], [who.cc[r] for r in message.cc]
-                msg = build(rendered, sender, to, cc, msg_id, with_html, headers)
+                msg = messages.outgoing(to, cc, msg_id)
                 if not rt.ledger.mark_sending(claim.token, name, slot, group, msg_id):
                     # Our claim was taken over (this run outlived it): its new holder sends.
                     pending = [r for r in pending if r not in group]
@@ -267,7 +268,7 @@ def send_slot(
                     pending = [r for r in pending if r not in group]
                     continue
                 seconds = time.monotonic() - started - waited  # the SMTP transaction, not the rate limit's wait
-                size = len(msg.as_bytes())
+                size = msg.size
                 # The server has the message: from here an interruption must not hand these rows
                 # back (that would resend); unrecorded ones stay 'sending' (docs/reliability.md).
                 pending = [r for r in pending if r not in group]
