@@ -623,3 +623,18 @@ def test_a_factory_message_to_a_non_ascii_address_goes_with_smtputf8() -> None:
     assert "SMTPUTF8" in box.options[0]
     [received] = box.messages
     assert (received["To"], received["Message-ID"]) == ("jörg@example.com", "<one@example.com>")
+
+
+def test_plain_smtp_builds_no_tls_context(inbox: Inbox) -> None:
+    # Reading the system CA store cost 20-30 ms on every connection, plain smtp:// included.
+    from reporter.mail import tls_context
+
+    tls_context.cache_clear()
+    transport = SmtpTransport(SmtpSettings.from_url(inbox.url))
+    try:
+        transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
+    finally:
+        transport.close()
+    assert len(inbox.messages) == 1
+    assert tls_context.cache_info().misses == 0
+    assert tls_context() is tls_context()  # and one per process when TLS is used
