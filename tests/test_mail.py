@@ -527,7 +527,7 @@ def charted() -> Rendered:
     )
 
 
-def parts(msg: EmailMessage) -> list[tuple[str, dict[str, str], str | None, str | None, bytes]]:
+def parts(msg: EmailMessage) -> list[tuple[str, dict[str, str], str | None, str | None, Any]]:
     """Every MIME part as a reader sees it: type, parameters (boundaries aside), disposition, filename, content."""
     out = []
     for part in msg.walk():
