@@ -19,7 +19,7 @@ from reporter.audience import Audience, Envelope, audience, envelopes
 from reporter.config import Report
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
-from reporter.mail import Transport, build, list_headers, message_id
+from reporter.mail import MessageFactory, Transport, list_headers, message_id
 from reporter.observers import Delivery, Observer
 from reporter.render import Rendered
 from reporter.runtime import Runtime
@@ -172,12 +172,11 @@ class ClaimedSlot:
 class Mailing:
     """One rendered slot's messages, and what they all share."""
 
-    rendered: Rendered
     who: Audience
     messages: tuple[Envelope, ...]
     sender: str
-    headers: dict[str, str]
-    with_html: bool
+    factory: MessageFactory
+    """The body, encoded once for every message; each message adds only its own headers"""
     group: bool
     bucket: str
     """The rate limit's bucket: the report's own, or the shared default one"""
@@ -190,7 +189,8 @@ class Mailing:
         headers = list_headers(name, report.description, report.owners, sender, rt.config.unsubscribe_url_of(report))
         bucket = name if report.rate_limit else "default"
         messages = tuple(envelopes(who, rows, report.group))
-        return cls(rendered, who, messages, sender, headers, "html" in report.formats, report.group, bucket, rt.config.rate_of(report))
+        factory = MessageFactory(rendered, sender, "html" in report.formats, headers)
+        return cls(who, messages, sender, factory, report.group, bucket, rt.config.rate_of(report))
 
     def rows_from(self, index: int) -> list[str]:
         """The rows of message INDEX and of every message after it."""
@@ -249,7 +249,7 @@ def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mai
     message = mailing.messages[index]
     msg_id = message_id(held.report, held.slot, message.id_key(mailing.group), mailing.sender)
     to, cc = [mailing.who.to[r] for r in message.to], [mailing.who.cc[r] for r in message.cc]
-    msg = build(mailing.rendered, mailing.sender, to, cc, msg_id, mailing.with_html, mailing.headers)
+    msg = mailing.factory.outgoing(to, cc, msg_id)
     if not held.sending(message.rows, msg_id):
         return True  # our claim was taken over (this run outlived it): its new holder sends
     started = time.monotonic()
@@ -270,7 +270,7 @@ def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mai
         held.failed(message.rows, str(exc), time.monotonic() - started - waited, msg_id)
         return True
     seconds = time.monotonic() - started - waited  # the SMTP transaction, not the rate limit's wait
-    size = len(msg.as_bytes())
+    size = msg.size
     for recipient in message.rows:  # in flight until recorded: an interruption leaves them 'sending'
         refused = outcome.refused.get(recipient)
         if refused is None:

@@ -9,6 +9,7 @@ not help. A refused resource is logged and left out; the PDF still renders.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import logging
@@ -72,7 +73,7 @@ class ResourceFetcher(URLFetcher):  # type: ignore[misc]
         # No ProxyHandler: a proxy would make the connection we check not the one that fetches.
         for handler in (
             _GuardedHTTPHandler(),
-            _GuardedHTTPSHandler(context=ssl.create_default_context()),
+            _GuardedHTTPSHandler(),
             request.HTTPDefaultErrorHandler(),
             _CheckedRedirects(self),
             request.HTTPErrorProcessor(),
@@ -171,7 +172,14 @@ class _GuardedHTTPHandler(request.HTTPHandler):
 
 class _GuardedHTTPSHandler(request.HTTPSHandler):
     def https_open(self, req: request.Request) -> http.client.HTTPResponse:
-        return self.do_open(_GuardedHTTPSConnection, req, context=self._context)  # type: ignore[attr-defined]
+        # The TLS context only when an https resource is fetched, and one per process: a fetcher is made
+        # for every PDF, and a context costs 20-30 ms (the system CA store is read each time).
+        return self.do_open(_GuardedHTTPSConnection, req, context=_tls_context())
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
 
 
 class _CheckedRedirects(request.HTTPRedirectHandler):

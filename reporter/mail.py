@@ -7,11 +7,12 @@ carry a line break or control character, and no error names the SMTP password.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mailbox
 import smtplib
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -111,12 +112,7 @@ def build(
     msg = EmailMessage(policy=SMTP_POLICY)
     msg["Subject"] = one_line(rendered.subject)  # no CR, LF or control character reaches the header
     msg["From"] = normalize_address(sender)
-    # A message for Cc/Bcc readers only still needs a To header: the empty group of RFC 5322.
-    msg["To"] = ", ".join(normalize_address(a) for a in to) if to else UNDISCLOSED
-    if cc:
-        msg["Cc"] = ", ".join(normalize_address(a) for a in cc)
-    msg["Date"] = format_datetime(datetime.now().astimezone())
-    msg["Message-ID"] = msg_id
+    _set_own_headers(msg, to, cc, msg_id)
     msg["X-Reporter-Report"] = rendered.report
     msg["X-Reporter-Slot"] = isoformat(rendered.slot)
     msg["Auto-Submitted"] = "auto-generated"
@@ -139,6 +135,104 @@ def build(
     return msg
 
 
+def _set_own_headers(msg: EmailMessage, to: Sequence[str], cc: Sequence[str], msg_id: str) -> None:
+    """The headers that differ between the messages of one render: To, Cc, Date and Message-ID."""
+    # A message for Cc/Bcc readers only still needs a To header: the empty group of RFC 5322.
+    msg["To"] = ", ".join(normalize_address(a) for a in to) if to else UNDISCLOSED
+    if cc:
+        msg["Cc"] = ", ".join(normalize_address(a) for a in cc)
+    msg["Date"] = format_datetime(datetime.now().astimezone())
+    msg["Message-ID"] = msg_id
+
+
+def _fields(msg: EmailMessage) -> bytes:
+    """MSG's header fields as the SMTP generator writes them (folded, CRLF after each)."""
+    return b"".join(SMTP_POLICY.fold_binary(name, value) for name, value in msg.raw_items())
+
+
+def _split_fields(head: bytes) -> list[bytes]:
+    """A flattened header block (CRLF after each line) cut into fields, folded lines kept with their field."""
+    out: list[bytes] = []
+    for line in head.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line + b"\r\n"
+        else:
+            out.append(line + b"\r\n")
+    return out
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message as it goes on the wire: its own header block and the body it shares with every
+    other message of the same render (encoded once, not once per recipient)."""
+
+    head: bytes
+    """Header fields, each ending in CRLF."""
+    body: bytes
+    """The blank line after the headers and the MIME body."""
+    eight_bit: bool
+    """Whether a part is sent as 8bit (the server must offer 8BITMIME, or it is re-encoded)."""
+    message: Callable[[], EmailMessage]
+    """The same message as an EmailMessage, for the rare paths that must re-encode it."""
+
+    @property
+    def size(self) -> int:
+        """Bytes handed to the server."""
+        return len(self.head) + len(self.body)
+
+    def as_bytes(self, extra: Mapping[str, str] | None = None) -> bytes:
+        """The whole message, with EXTRA headers (already safe values) after the others."""
+        if not extra:
+            return self.head + self.body
+        more = EmailMessage(policy=SMTP_POLICY)
+        for name, value in extra.items():
+            more[name] = value
+        return self.head + _fields(more) + self.body
+
+
+def _has_8bit(msg: EmailMessage) -> bool:
+    return any(part.get("Content-Transfer-Encoding", "").lower() == "8bit" for part in msg.walk())
+
+
+PLACEHOLDER_ID = "<placeholder@reporter.invalid>"
+"""The Message-ID of a MessageFactory's template, replaced in every message it makes."""
+
+
+class MessageFactory:
+    """The messages of one render: the body (text, HTML, charts, PDF, CSV, XLSX) is built and encoded
+    once; each message gets only its own To, Cc, Date and Message-ID.
+
+    Every message is, once parsed, the message `build` makes for the same arguments (tests/test_mail.py).
+    """
+
+    def __init__(self, rendered: Rendered, sender: str, with_html: bool, headers: Mapping[str, str] | None = None) -> None:
+        self._args = (rendered, sender, with_html, headers)
+        template = build(rendered, sender, [], [], PLACEHOLDER_ID, with_html, headers)
+        self.eight_bit = _has_8bit(template)
+        head, _, body = template.as_bytes().partition(b"\r\n\r\n")
+        fields = _split_fields(head + b"\r\n")
+        names = [f.split(b":", 1)[0].lower() for f in fields]
+        # build() writes Subject, From, then the message's own To, Date and Message-ID (no Cc here).
+        first, last = names.index(b"to"), names.index(b"message-id")
+        assert names[first : last + 1] == [b"to", b"date", b"message-id"], names
+        self._before = b"".join(fields[:first])
+        self._after = b"".join(fields[last + 1 :])
+        self._body = b"\r\n" + body
+
+    def outgoing(self, to: Sequence[str], cc: Sequence[str], msg_id: str) -> Outgoing:
+        """The message to TO and CC (validated as in `build`) with Message-ID MSG_ID; Bcc is never in it."""
+        own = EmailMessage(policy=SMTP_POLICY)
+        _set_own_headers(own, to, cc, msg_id)
+        rendered, sender, with_html, headers = self._args
+        to, cc = list(to), list(cc)
+        return Outgoing(
+            self._before + _fields(own) + self._after,
+            self._body,
+            self.eight_bit,
+            lambda: build(rendered, sender, to, cc, msg_id, with_html, headers),
+        )
+
+
 def addresses(header_values: list[str]) -> list[str]:
     """The bare addresses of 'Name <a@b>' values, for the SMTP envelope."""
     return [addr for _, addr in getaddresses(header_values) if addr]
@@ -158,7 +252,7 @@ class Transport(Protocol):
         """Open the connection now, so its set-up does not fall between a rate-limit slot and the send."""
         ...
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
+    def send(self, msg: EmailMessage | Outgoing, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
         """Hand MSG to RECIPIENTS and to the BLIND (Bcc) addresses, which no stored copy names."""
         ...
 
@@ -177,17 +271,24 @@ class MaildirTransport:
     def connect(self) -> None:
         pass
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
+    def send(self, msg: EmailMessage | Outgoing, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
         # One file stands for the message handed over; Bcc addresses are only counted here (the
         # ledger has them), since anything written into the file is readable by whoever reads it.
-        del msg["X-Reporter-Envelope-To"]
-        del msg["X-Reporter-Bcc-Count"]
+        extra = {}
         if recipients:
-            msg["X-Reporter-Envelope-To"] = ", ".join(recipients)
+            extra["X-Reporter-Envelope-To"] = ", ".join(recipients)
         if blind:
-            msg["X-Reporter-Bcc-Count"] = str(len(blind))
+            extra["X-Reporter-Bcc-Count"] = str(len(blind))
+        if isinstance(msg, Outgoing):
+            data = msg.as_bytes(extra)
+        else:
+            del msg["X-Reporter-Envelope-To"]
+            del msg["X-Reporter-Bcc-Count"]
+            for name, value in extra.items():
+                msg[name] = value
+            data = msg.as_bytes()
         try:
-            self._box.add(msg.as_bytes())
+            self._box.add(data)
         except OSError as exc:
             # A full disk or a folder made read-only can be fixed; the rows go back for a retry.
             raise TransientDeliveryError(f"cannot write to the outbox {self.path}: {exc.strerror or exc}") from None
@@ -280,16 +381,15 @@ class SmtpTransport:
 
     def _connect(self) -> smtplib.SMTP:
         s = self.settings
-        context = ssl.create_default_context()
         conn: smtplib.SMTP
         if s.ssl:
-            conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=context)
+            conn = smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout, context=tls_context())
         else:
             conn = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
         try:
             conn.ehlo()
             if s.starttls:
-                conn.starttls(context=context)
+                conn.starttls(context=tls_context())
                 conn.ehlo()
             if s.user:
                 conn.login(s.user, s.password or "")
@@ -311,15 +411,13 @@ class SmtpTransport:
             except (smtplib.SMTPException, OSError):
                 pass  # send() tries again and sorts the failure into transient or permanent
 
-    def send(self, msg: EmailMessage, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
+    def send(self, msg: EmailMessage | Outgoing, sender: str, recipients: list[str], blind: list[str] | None = None) -> Outcome:
         try:
             if self._conn is None:
                 self._conn = self._connect()
             # Bcc lives in the envelope only: the message itself never carries a Bcc header.
             envelope = [*recipients, *(blind or [])]
-            refused = self._conn.send_message(
-                msg, from_addr=sender, to_addrs=envelope, mail_options=body_options(self._conn, msg, sender, envelope)
-            )
+            refused = self._hand_over(self._conn, msg, sender, envelope)
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in refused.items()})
         except smtplib.SMTPRecipientsRefused as exc:
             return Outcome({r: (code, _text(reason)) for r, (code, reason) in exc.recipients.items()})
@@ -340,6 +438,17 @@ class SmtpTransport:
         except smtplib.SMTPException as exc:
             self._drop()
             raise TransientDeliveryError(self._scrub(f"SMTP error from {self.settings.host}:{self.settings.port}: {exc}")) from None
+
+    @staticmethod
+    def _hand_over(conn: smtplib.SMTP, msg: EmailMessage | Outgoing, sender: str, envelope: list[str]) -> dict[str, tuple[int, bytes]]:
+        """One SMTP transaction; the refused recipients."""
+        if isinstance(msg, Outgoing):
+            if all(a.isascii() for a in (sender, *envelope)) and (not msg.eight_bit or conn.has_extn("8bitmime")):
+                # The common case: the bytes encoded once per render, sent as they are.
+                return conn.sendmail(sender, envelope, msg.as_bytes(), mail_options=["BODY=8BITMIME"] if msg.eight_bit else [])
+            # SMTPUTF8, or a 7-bit server that needs the body re-encoded: the full message, as before.
+            msg = msg.message()
+        return conn.send_message(msg, from_addr=sender, to_addrs=envelope, mail_options=body_options(conn, msg, sender, envelope))
 
     def probe(self) -> None:
         """Connect, EHLO, STARTTLS and log in as configured, then QUIT; DeliveryError saying why not."""
@@ -374,6 +483,13 @@ class SmtpTransport:
     def describe(self) -> str:
         s = self.settings
         return f"SMTP {'smtps' if s.ssl else 'smtp'}://{s.host}:{s.port}" + (" (STARTTLS)" if s.starttls else "")
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The client TLS context, built once per process and only when TLS is used (it costs 20-30 ms:
+    the system CA store is read each time)."""
+    return ssl.create_default_context()
 
 
 def body_options(conn: smtplib.SMTP, msg: EmailMessage, sender: str, envelope: Sequence[str]) -> list[str]:

@@ -502,3 +502,139 @@ def test_an_outbox_that_breaks_after_start_up_hands_the_message_back_for_a_retry
         transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
     transport.close()
     assert list((tmp_path / "outbox" / "new").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- one body for every message
+
+
+def charted() -> Rendered:
+    """A render with every kind of part: text, HTML with an inline chart, PDF, CSV and XLSX, non-ASCII text."""
+    from reporter.charts import RenderedChart, content_id
+
+    cid = content_id("sales-daily", "revenue")
+    chart = RenderedChart(name="revenue", title="Revenue", svg="<svg/>", png=b"\x89PNG\r\n\x1a\nnot really a png", width=600, height=300)
+    return Rendered(
+        report="sales-daily",
+        slot=SLOT,
+        subject="Umsätze für Köln — 5 €",
+        html=f'<html><body><h1>Zürich</h1><img src="cid:{cid}"><p>1.234,50 €</p></body></html>',
+        text="Zürich\n1.234,50 €\n",
+        pdf=PDF,
+        csv=CSV,
+        row_count=1,
+        xlsx=b"PK\x03\x04 not really a workbook",
+        charts=(chart,),
+    )
+
+
+def parts(msg: EmailMessage) -> list[tuple[str, dict[str, str], str | None, str | None, Any]]:
+    """Every MIME part as a reader sees it: type, parameters (boundaries aside), disposition, filename, content."""
+    out = []
+    for part in msg.walk():
+        params = {k: v for k, v in part.get_params() or [] if k != "boundary"}
+        payload = b"" if part.is_multipart() else part.get_payload(decode=True)
+        out.append((part.get_content_type(), params, part.get_content_disposition(), part.get_filename(), payload))
+    return out
+
+
+def headers_but_date(msg: EmailMessage) -> list[tuple[str, str]]:
+    return [(name, str(value)) for name, value in msg.items() if name.lower() not in ("date", "content-type")]
+
+
+@pytest.mark.parametrize(
+    ("to", "cc"),
+    [
+        (["Ann <ann@example.com>"], []),
+        (["ann@example.com", "ben@example.com"], ["Boss <boss@example.com>", "cy@example.com"]),
+        ([], ["boss@example.com"]),  # a message for Cc/Bcc readers only: To is the empty group
+    ],
+    ids=["one-to", "to-and-cc", "cc-only"],
+)
+@pytest.mark.parametrize("with_html", [True, False])
+def test_factory_messages_parse_to_what_build_makes(to: list[str], cc: list[str], with_html: bool) -> None:
+    from reporter.mail import MessageFactory
+
+    body = charted()
+    headers = list_headers("sales-daily", "Orders of the day", ["data@example.com"], SENDER, "https://example.com/unsub")
+    msg_id = message_id("sales-daily", SLOT, (to or cc)[0], SENDER)
+    made = MessageFactory(body, SENDER, with_html, headers).outgoing(to, cc, msg_id)
+    ours = reparse_bytes(made.as_bytes())
+    theirs = reparse(build(body, SENDER, to, cc, msg_id, with_html, headers))
+    assert headers_but_date(ours) == headers_but_date(theirs)
+    assert ours["Date"] is not None
+    assert parts(ours) == parts(theirs)
+    assert made.size == len(made.as_bytes())
+    assert made.eight_bit  # the non-ASCII text parts go as 8bit, as build() writes them
+
+
+def test_each_factory_message_names_only_its_own_readers_and_never_a_bcc() -> None:
+    from reporter.mail import MessageFactory
+
+    factory = MessageFactory(rendered(), SENDER, True)
+    first = factory.outgoing(["ann@example.com"], ["boss@example.com"], "<one@example.com>")
+    second = factory.outgoing(["ben@example.com"], [], "<two@example.com>")
+    assert first.body is second.body  # encoded once for both
+    one, two = reparse_bytes(first.as_bytes()), reparse_bytes(second.as_bytes())
+    assert (one["To"], one["Cc"], one["Message-ID"]) == ("ann@example.com", "boss@example.com", "<one@example.com>")
+    assert (two["To"], two["Cc"], two["Message-ID"]) == ("ben@example.com", None, "<two@example.com>")
+    assert b"ann@example.com" not in second.as_bytes() and b"boss@example.com" not in second.as_bytes()
+    with pytest.raises(ValueError):
+        factory.outgoing(["not an address\r\nBcc: evil@example.net"], [], "<three@example.com>")
+
+
+def test_a_factory_message_over_smtp_keeps_bcc_in_the_envelope_only(inbox: Inbox, tmp_path: Path) -> None:
+    from reporter.mail import MessageFactory
+
+    msg = MessageFactory(rendered(), SENDER, True).outgoing(["ann@example.com"], ["boss@example.com"], "<one@example.com>")
+    transport = SmtpTransport(SmtpSettings.from_url(inbox.url))
+    try:
+        outcome = transport.send(msg, "reports@example.com", ["ann@example.com", "boss@example.com"], blind=["hidden@example.com"])
+    finally:
+        transport.close()
+    assert outcome.refused == {}
+    assert inbox.envelopes == [("reports@example.com", ["ann@example.com", "boss@example.com", "hidden@example.com"])]
+    [received] = inbox.messages
+    assert received["Bcc"] is None and "hidden@example.com" not in received.as_string()
+    assert received["Message-ID"] == "<one@example.com>"
+    assert [p.get_payload(decode=True) for p in received.walk() if p.get_content_type() == "application/pdf"] == [PDF]
+
+    outbox = MaildirTransport(tmp_path / "outbox")
+    outbox.send(msg, "reports@example.com", ["ann@example.com", "boss@example.com"], blind=["hidden@example.com"])
+    outbox.close()
+    [stored] = (tmp_path / "outbox" / "new").iterdir()
+    saved = reparse_bytes(stored.read_bytes())
+    assert "hidden@example.com" not in stored.read_text()
+    assert (saved["X-Reporter-Envelope-To"], saved["X-Reporter-Bcc-Count"]) == ("ann@example.com, boss@example.com", "1")
+    assert parts(saved) == parts(reparse_bytes(msg.as_bytes()))
+
+
+def test_a_factory_message_to_a_non_ascii_address_goes_with_smtputf8() -> None:
+    from reporter.mail import MessageFactory
+
+    # The bytes encoded for ASCII envelopes cannot carry this address: the full message goes instead,
+    # with SMTPUTF8, as build()'s did.
+    msg = MessageFactory(rendered(), SENDER, True).outgoing(["jörg@example.com"], [], "<one@example.com>")
+    with serving(OptionsInbox("127.0.0.1", free_port())) as box:
+        transport = SmtpTransport(SmtpSettings.from_url(box.url))
+        try:
+            assert transport.send(msg, "reports@example.com", ["jörg@example.com"]).refused == {}
+        finally:
+            transport.close()
+    assert "SMTPUTF8" in box.options[0]
+    [received] = box.messages
+    assert (received["To"], received["Message-ID"]) == ("jörg@example.com", "<one@example.com>")
+
+
+def test_plain_smtp_builds_no_tls_context(inbox: Inbox) -> None:
+    # Reading the system CA store cost 20-30 ms on every connection, plain smtp:// included.
+    from reporter.mail import tls_context
+
+    tls_context.cache_clear()
+    transport = SmtpTransport(SmtpSettings.from_url(inbox.url))
+    try:
+        transport.send(smtp_message(), "reports@example.com", ["ann@example.com"])
+    finally:
+        transport.close()
+    assert len(inbox.messages) == 1
+    assert tls_context.cache_info().misses == 0
+    assert tls_context() is tls_context()  # and one per process when TLS is used

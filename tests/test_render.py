@@ -440,3 +440,38 @@ def test_pdf_never_embeds_files_outside_the_templates_folder(
     assert "root:" not in text
     assert reader.attachments == {}
     assert b"root:x:0:0" not in rendered.pdf
+
+
+def test_pdfs_share_one_font_configuration_which_is_renewed_after_its_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A FontConfiguration per PDF left ~220 KiB behind in fontconfig/Pango per render, for good.
+    from reporter import render
+
+    fonts = render._SharedFonts()
+    monkeypatch.setattr(render, "FONT_CONFIG_USES", 3)
+    with fonts.lock:
+        taken = [fonts.take() for _ in range(7)]
+    assert [id(t) for t in taken].count(id(taken[0])) == 3
+    assert taken[0] is taken[1] is taken[2] and taken[3] is taken[4] is taken[5]
+    assert len({id(t) for t in taken}) == 3
+
+
+def test_the_renderer_gives_weasyprint_the_shared_font_configuration(
+    make_project: Callable[..., Project], renderers: Callable[[Config], Renderer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import weasyprint
+
+    from reporter import render
+
+    seen: list[Any] = []
+    write_pdf = weasyprint.HTML.write_pdf
+
+    def noting(self: Any, *args: Any, **kwargs: Any) -> Any:  # the real render, noting its font configuration
+        seen.append(kwargs.get("font_config"))
+        return write_pdf(self, *args, **kwargs)
+
+    monkeypatch.setattr(weasyprint.HTML, "write_pdf", noting)
+    monkeypatch.setattr(render, "_FONTS", render._SharedFonts())
+    renderer = renderers(load(make_project().config, os.environ))
+    for _ in range(2):
+        assert renderer.pdf("<p>x</p>").startswith(b"%PDF")
+    assert seen[0] is not None and seen[0] is seen[1]
