@@ -393,7 +393,7 @@ def slot_text(slot: datetime) -> str:
 
 
 def _broker(settings: Settings) -> str:
-    return settings.broker.require()  # the one rule, as celery_app uses it
+    return settings.broker.require()  # the one rule, as create_app uses it
 
 
 def _verdict(check: Any, settings: Settings | None = None) -> NoReturn:
