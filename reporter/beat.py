@@ -27,9 +27,6 @@ from reporter.settings import Settings, is_redis_url, mask_url, redis_client_url
 
 log = logging.getLogger(__name__)
 
-DISPATCH_TASK = defaults.TASK_DISPATCH
-SWEEP_TASK = defaults.TASK_SWEEP
-
 
 def _aware(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
@@ -84,8 +81,8 @@ def entries(config: Config) -> dict[str, dict[str, Any]]:
 def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
     """Entries every deployment needs whether or not the YAML names them."""
     return {
-        SWEEP_TASK: {
-            "task": SWEEP_TASK,
+        defaults.TASK_SWEEP: {
+            "task": defaults.TASK_SWEEP,
             "schedule": CronSchedule("* * * * *", ZoneInfo("UTC")),
             "options": {"queue": defaults.QUEUE_SCHEDULED, "expires": 55},
         }
@@ -95,7 +92,7 @@ def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
 def dispatcher_cron(config: Config) -> tuple[str, tzinfo] | None:
     """The cron (and zone) of the first beat entry that runs the dispatcher."""
     for entry in config.beat.values():
-        if entry.task == DISPATCH_TASK:
+        if entry.task == defaults.TASK_DISPATCH:
             return entry.cron, ZoneInfo(entry.timezone or config.timezone)
     return None
 
@@ -262,7 +259,9 @@ class Scheduler(beat.Scheduler):
             start, end = dispatch_window(new, datetime.now(UTC))
             kwargs = {"scheduled_for": isoformat(start), "window_end": isoformat(end)}
             log.info("beat: dispatching %s for the rest of this window (%s to %s)", ", ".join(added), *kwargs.values())
-            self.app.send_task(DISPATCH_TASK, kwargs={**kwargs, "reports": added, "config": new.version}, queue=defaults.QUEUE_SCHEDULED)
+            self.app.send_task(
+                defaults.TASK_DISPATCH, kwargs={**kwargs, "reports": added, "config": new.version}, queue=defaults.QUEUE_SCHEDULED
+            )
 
     def _record(self) -> None:
         """Store the configuration version beat runs in the ledger, once; while the ledger database does
@@ -317,7 +316,7 @@ class Scheduler(beat.Scheduler):
         for entry in self.schedule.values():
             entry.last_run_at = now  # the catch-up dispatch covers the time this beat was not leading
         self._heap = None
-        self.app.send_task(DISPATCH_TASK, kwargs={"config": self.config.version}, queue=defaults.QUEUE_SCHEDULED)
+        self.app.send_task(defaults.TASK_DISPATCH, kwargs={"config": self.config.version}, queue=defaults.QUEUE_SCHEDULED)
 
     def close(self) -> None:
         leader = getattr(self, "_leader", None)
@@ -326,7 +325,7 @@ class Scheduler(beat.Scheduler):
         super().close()
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
-        if entry.task == DISPATCH_TASK and isinstance(entry.schedule, CronSchedule):
+        if entry.task == defaults.TASK_DISPATCH and isinstance(entry.schedule, CronSchedule):
             # Tell the dispatcher which instant it stands for, so a late start covers the right window.
             start, end = fired_window(entry.schedule.cron, entry.schedule.zone, datetime.now(UTC))
             entry = copy.copy(entry)

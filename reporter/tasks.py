@@ -29,11 +29,6 @@ from reporter.schedule import isoformat, parse_instant
 
 log = logging.getLogger(__name__)
 
-DISPATCH = defaults.TASK_DISPATCH
-SEND = defaults.TASK_SEND
-PRUNE = defaults.TASK_PRUNE
-SWEEP = defaults.TASK_SWEEP
-
 QUEUED_GRACE = timedelta(minutes=2)
 """A row still queued this long after its slot, and untouched as long, has lost its task."""
 
@@ -97,7 +92,7 @@ def enqueue_send(
     )
 
 
-@shared_task(name=DISPATCH, acks_late=False)
+@shared_task(name=defaults.TASK_DISPATCH, acks_late=False)
 def schedule_hourly(
     scheduled_for: str | None = None, window_end: str | None = None, reports: list[str] | None = None, config: str | None = None
 ) -> dict[str, Any]:
@@ -113,7 +108,7 @@ def schedule_hourly(
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
 
 
-@shared_task(name=SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+@shared_task(name=defaults.TASK_SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def send(
     self: Task, report: str, slot: str, only: list[str] | None = None, trigger: str = "schedule", config: str | None = None
 ) -> dict[str, Any]:
@@ -172,7 +167,7 @@ def not_to_send(rt: Runtime, report: str, trigger: str) -> str | None:
     return None
 
 
-@shared_task(name=PRUNE)
+@shared_task(name=defaults.TASK_PRUNE)
 def prune_ledger(days: int | None = None) -> dict[str, Any]:
     """Delete final ledger rows older than the retention."""
     rt = runtime()
@@ -182,7 +177,7 @@ def prune_ledger(days: int | None = None) -> dict[str, Any]:
     return {"deleted": deleted, "retention_days": keep}
 
 
-@shared_task(name=SWEEP, acks_late=False)
+@shared_task(name=defaults.TASK_SWEEP, acks_late=False)
 def sweep() -> dict[str, Any]:
     """Re-enqueue deliveries whose task died with its worker or was lost with the broker.
 
