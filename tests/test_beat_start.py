@@ -47,3 +47,32 @@ def test_beat_starts_leads_and_dispatches_while_the_ledger_database_is_down(
     assert "scheduling goes on" in text and "recorded there once it answers" in text
     assert "Traceback" not in text and "pw-s3cret" not in text
     client.close()
+
+
+def test_beat_records_its_configuration_once_the_ledger_answers_and_says_so_once_until_then(
+    make_project: Callable[..., Project], fresh_redis: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reporter.app import create_app
+    from reporter.beat import Scheduler
+    from reporter.ledger import Ledger
+    from reporter.settings import Settings
+
+    project = make_project()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the ledger's folder should be")  # the ledger cannot open until it goes
+    ledger_url = f"sqlite:///{blocker / 'ledger.db'}"
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_DATABASE_URL=ledger_url)
+    scheduler = Scheduler(create_app(Settings.from_env(env)))
+    version = scheduler.config.version
+    down = "beat: the ledger database sqlite:///"
+    with caplog.at_level("INFO", logger="reporter.beat"):
+        scheduler._record()
+        scheduler._record()  # tried again, and not said again
+        assert caplog.text.count(down) == 1
+        blocker.unlink()
+        scheduler._record()
+        assert f"beat: the ledger database answers again; configuration {version} recorded" in caplog.text
+    ledger = Ledger.from_url(ledger_url)
+    assert ledger.config_source(version) is not None
+    ledger.dispose()
+    scheduler._ledger.dispose()
