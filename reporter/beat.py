@@ -219,8 +219,9 @@ class Scheduler(beat.Scheduler):
         self._leader = Leader(lock)
 
     def _settings(self) -> Settings:
-        settings = getattr(self.app, "settings", None)
-        return settings if isinstance(settings, Settings) else Settings.from_env()
+        """The settings of the app (reporter.app.App) this beat runs."""
+        settings: Settings = self.app.settings
+        return settings
 
     @property
     def config(self) -> Config:
