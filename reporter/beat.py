@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from datetime import UTC, datetime, tzinfo
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,13 +22,10 @@ from redis.exceptions import RedisError
 from reporter import defaults
 from reporter.config import Config
 from reporter.lock import RedisLock
-from reporter.schedule import isoformat, latest_fire, next_fire
-from reporter.settings import is_redis_url, redis_client_url
+from reporter.schedule import isoformat, latest_fire, next_fire, period
+from reporter.settings import Settings, is_redis_url, mask_url, redis_client_url
 
 log = logging.getLogger(__name__)
-
-DISPATCH_TASK = "email_reports.schedule_hourly"
-SWEEP_TASK = "email_reports.sweep"
 
 
 def _aware(value: datetime) -> datetime:
@@ -83,8 +81,8 @@ def entries(config: Config) -> dict[str, dict[str, Any]]:
 def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
     """Entries every deployment needs whether or not the YAML names them."""
     return {
-        SWEEP_TASK: {
-            "task": SWEEP_TASK,
+        defaults.TASK_SWEEP: {
+            "task": defaults.TASK_SWEEP,
             "schedule": CronSchedule("* * * * *", ZoneInfo("UTC")),
             "options": {"queue": defaults.QUEUE_SCHEDULED, "expires": 55},
         }
@@ -94,9 +92,89 @@ def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
 def dispatcher_cron(config: Config) -> tuple[str, tzinfo] | None:
     """The cron (and zone) of the first beat entry that runs the dispatcher."""
     for entry in config.beat.values():
-        if entry.task == DISPATCH_TASK:
+        if entry.task == defaults.TASK_DISPATCH:
             return entry.cron, ZoneInfo(entry.timezone or config.timezone)
     return None
+
+
+def window_of(cron: str, zone: tzinfo, start: datetime) -> tuple[datetime, datetime]:
+    """The window a dispatch at START covers: from START to the next fire of its CRON."""
+    return start, next_fire(cron, zone, start)
+
+
+def dispatch_window(config: Config, start: datetime) -> tuple[datetime, datetime]:
+    """The window a dispatch at START covers under CONFIG: to its beat entry's next fire, or
+    defaults.DISPATCH_WINDOW when no beat entry runs the dispatcher (called by hand)."""
+    found = dispatcher_cron(config)
+    if found is None:
+        return start, start + timedelta(seconds=defaults.DISPATCH_WINDOW)
+    return window_of(found[0], found[1], start)
+
+
+def fired_window(cron: str, zone: tzinfo, now: datetime) -> tuple[datetime, datetime]:
+    """The window of the dispatcher entry with CRON that is due at NOW: from its latest fire (the
+    instant it stands for, even when beat sends it late) to the next."""
+    return window_of(cron, zone, latest_fire(cron, zone, now))
+
+
+def longest_eta(config: Config, now: datetime) -> int:
+    """Seconds ahead the dispatcher may enqueue a send (its window's length, at least a minute), for
+    Redis' visibility_timeout."""
+    found = dispatcher_cron(config)
+    if found is None:
+        return defaults.DISPATCH_WINDOW
+    return int(max(period(found[0], found[1], now).total_seconds(), 60))
+
+
+class Leader:
+    """Beat's leadership: the lock taken, renewed on every tick, and a heartbeat written while leading.
+
+    Without a lock (a broker that is not Redis) this beat always leads."""
+
+    def __init__(self, lock: RedisLock | None, tick_key: str = defaults.BEAT_TICK_KEY) -> None:
+        self.lock = lock
+        self.tick_key = tick_key
+        self.leading = False
+        self._standby_logged = False
+
+    def tick(self, state: Mapping[str, Any] | None = None) -> tuple[bool, bool]:
+        """Keep or take the leadership: (this beat may send now, it has just become the leader). STATE
+        goes into the heartbeat (what `reporter status` shows)."""
+        if self.lock is None:
+            became = not self.leading
+            self.leading = True
+            return True, became
+        became = False
+        try:
+            if self.leading and not self.lock.renew():
+                log.error("beat lost the leader lock (another beat holds it now); standing by")
+                self.leading = False
+            if not self.leading:
+                if not self.lock.acquire():
+                    if not self._standby_logged:
+                        log.info("beat standing by: %s leads", (self.lock.holder() or {}).get("id", "another beat"))
+                        self._standby_logged = True
+                    return False, False
+                self.leading, self._standby_logged, became = True, False, True
+            beat_ = {"id": self.lock.owner, "at": datetime.now(UTC).isoformat(), **(state or {})}
+            self.lock.client.set(self.tick_key, json.dumps(beat_))
+            return True, became
+        except RedisError as exc:
+            # Without Redis we cannot know we still lead: send nothing until it answers again.
+            if self.leading:
+                log.error("beat cannot reach Redis to renew its lock (%s); pausing", exc)
+            self.leading = False
+            return False, False
+
+    def resign(self) -> None:
+        """Give the lock up, if this beat holds it (on the way out)."""
+        if self.lock is not None and self.leading:
+            self.leading = False  # Celery may close a scheduler twice on the way out
+            try:
+                self.lock.release()
+                log.info("beat released the leader lock")
+            except RedisError:
+                pass
 
 
 class Scheduler(beat.Scheduler):
@@ -105,29 +183,50 @@ class Scheduler(beat.Scheduler):
     A beat sends nothing until it holds the leader lock in Redis; it renews the lock on every tick
     and writes a heartbeat. A second beat waits as a standby and takes over once the leader's lease
     runs out (it died, even by SIGKILL), starting with a dispatch that catches up what was missed.
+
+    Beat needs only the configuration files and the broker: the ledger is used to record the
+    configuration version it dispatches under (so workers can adopt it), and while the ledger database
+    does not answer, beat says so once and tries again on later ticks.
     """
 
-    _lock: RedisLock | None = None
-    _leading = False
-    _standby_logged = False
+    _leader: Leader
+    _live: Any = None
+    _ledger: Any = None
+    _recorded: str | None = None
+    _unrecorded: str | None = None
 
     def setup_schedule(self) -> None:
-        from reporter.runtime import runtime
+        from reporter.app import beat_config, start_checks
+        from reporter.live import Live
 
         super().setup_schedule()
-        config = runtime().config
+        # Celery builds the scheduler before it sends beat_init: the start-up checks run here first.
+        config = start_checks(self.app, beat_config(self.app))
+        self._live = Live(self._settings(), config, ledger=None)
         self._merge(config)
         self.lock_timeout = config.defaults.beat_lock_timeout
         # Renew well within the lease, and tick often enough to notice a lost lock quickly.
         self.max_interval: float = min(float(self.max_interval), self.lock_timeout / 3)
         broker = str(self.app.conf.broker_url or "")
+        lock = None
         if is_redis_url(broker):
             import redis
 
             client = redis.Redis.from_url(redis_client_url(broker), socket_timeout=5, socket_connect_timeout=5)
-            self._lock = RedisLock(client, defaults.BEAT_LEADER_KEY, self.lock_timeout)
+            lock = RedisLock(client, defaults.BEAT_LEADER_KEY, self.lock_timeout)
         else:
             log.warning("broker is not Redis: no leader lock, so run exactly one beat yourself")
+        self._leader = Leader(lock)
+
+    def _settings(self) -> Settings:
+        """The settings of the app (reporter.app.App) this beat runs."""
+        settings: Settings = self.app.settings
+        return settings
+
+    @property
+    def config(self) -> Config:
+        """The configuration this beat runs."""
+        return self._live.config  # type: ignore[no-any-return]
 
     def _merge(self, config: Config) -> None:
         """Make the schedule the YAML crontab of CONFIG (entries it no longer has are dropped)."""
@@ -138,67 +237,73 @@ class Scheduler(beat.Scheduler):
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         self._follow()
-        if not self._lead():
+        leading = self._lead()
+        self._record()
+        if not leading:
             return float(min(self.max_interval, self.lock_timeout / 3))
         return float(min(float(super().tick(*args, **kwargs)), self.max_interval))
 
     def _follow(self) -> None:
         """Apply an edited schedules.yaml: the crontab, and a dispatch for reports the current window lacks."""
         from reporter.live import newly_due
-        from reporter.runtime import runtime
 
-        rt = runtime()
-        old = rt.config
-        if not rt.live or not rt.live.refresh():
+        old = self.config
+        if not self._live.refresh():
             return
-        new = rt.config
+        new = self.config
         if entries(old) != entries(new):
             self._merge(new)
         added = newly_due(old, new)
-        found = dispatcher_cron(new)
-        if added and found and self._leading:
+        if added and dispatcher_cron(new) and self._leader.leading:
             # The dispatcher covered this window before these reports existed: cover the rest of it for
             # them now, so each is sent from its next slot rather than from the next window.
-            now = datetime.now(UTC)
-            kwargs = {"scheduled_for": isoformat(now), "window_end": isoformat(next_fire(found[0], found[1], now))}
+            start, end = dispatch_window(new, datetime.now(UTC))
+            kwargs = {"scheduled_for": isoformat(start), "window_end": isoformat(end)}
             log.info("beat: dispatching %s for the rest of this window (%s to %s)", ", ".join(added), *kwargs.values())
-            self.app.send_task(DISPATCH_TASK, kwargs={**kwargs, "reports": added, "config": new.version}, queue=defaults.QUEUE_SCHEDULED)
+            self.app.send_task(
+                defaults.TASK_DISPATCH, kwargs={**kwargs, "reports": added, "config": new.version}, queue=defaults.QUEUE_SCHEDULED
+            )
+
+    def _record(self) -> None:
+        """Store the configuration version beat runs in the ledger, once; while the ledger database does
+        not answer, say so once per version and try again next tick (beat schedules on meanwhile)."""
+        from reporter.ledger import Ledger
+        from reporter.live import content
+
+        config = self.config
+        if config.version == self._recorded:
+            return
+        url = self._settings().database_url
+        try:
+            if self._ledger is None:
+                self._ledger = Ledger.from_url(url)
+            self._ledger.remember_config(config.version, content(config))
+        except Exception as exc:  # noqa: BLE001 - whatever the database driver raises, beat keeps scheduling
+            if self._unrecorded != config.version:
+                first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.error(
+                    "beat: the ledger database %s does not answer (%s); scheduling goes on, and configuration %s is "
+                    "recorded there once it answers (workers need it to adopt this version)",
+                    mask_url(url),
+                    first,
+                    config.version,
+                )
+                self._unrecorded = config.version
+            return
+        if self._unrecorded is not None:
+            log.info("beat: the ledger database answers again; configuration %s recorded", config.version)
+        self._recorded, self._unrecorded = config.version, None
 
     def _lead(self) -> bool:
         """Keep or take the leadership; True if this beat may send now."""
-        if self._lock is None:
-            if not self._leading:
-                self._become_leader()
-            return True
-        try:
-            if self._leading and not self._lock.renew():
-                log.error("beat lost the leader lock (another beat holds it now); standing by")
-                self._leading = False
-            if not self._leading:
-                if not self._lock.acquire():
-                    if not self._standby_logged:
-                        log.info("beat standing by: %s leads", (self._lock.holder() or {}).get("id", "another beat"))
-                        self._standby_logged = True
-                    return False
-                self._become_leader()
-            self._lock.client.set(
-                defaults.BEAT_TICK_KEY, json.dumps({"id": self._lock.owner, "at": datetime.now(UTC).isoformat(), **self._config_state()})
-            )
-            return True
-        except RedisError as exc:
-            # Without Redis we cannot know we still lead: send nothing until it answers again.
-            if self._leading:
-                log.error("beat cannot reach Redis to renew its lock (%s); pausing", exc)
-            self._leading = False
-            return False
+        leading, became = self._leader.tick(self._config_state())
+        if became:
+            self._become_leader()
+        return leading
 
     def _config_state(self) -> dict[str, Any]:
         """What `reporter status` shows of the configuration beat runs."""
-        from reporter.runtime import runtime
-
-        live = runtime().live
-        if live is None:
-            return {}
+        live = self._live
         return {
             "config": live.config.version,
             "config_since": live.since.isoformat(timespec="seconds"),
@@ -206,38 +311,24 @@ class Scheduler(beat.Scheduler):
         }
 
     def _become_leader(self) -> None:
-        self._leading, self._standby_logged = True, False
-        log.info("beat leads%s: dispatching once now to catch up on missed slots", f" as {self._lock.owner}" if self._lock else "")
+        lock = self._leader.lock
+        log.info("beat leads%s: dispatching once now to catch up on missed slots", f" as {lock.owner}" if lock else "")
         now = self.app.now()
         for entry in self.schedule.values():
             entry.last_run_at = now  # the catch-up dispatch covers the time this beat was not leading
         self._heap = None
-        from reporter.runtime import runtime
-
-        self.app.send_task(DISPATCH_TASK, kwargs={"config": runtime().config.version}, queue=defaults.QUEUE_SCHEDULED)
+        self.app.send_task(defaults.TASK_DISPATCH, kwargs={"config": self.config.version}, queue=defaults.QUEUE_SCHEDULED)
 
     def close(self) -> None:
-        if self._lock is not None and self._leading:
-            self._leading = False  # Celery may close a scheduler twice on the way out
-            try:
-                self._lock.release()
-                log.info("beat released the leader lock")
-            except RedisError:
-                pass
+        leader = getattr(self, "_leader", None)
+        if leader is not None:
+            leader.resign()
         super().close()
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
-        if entry.task == DISPATCH_TASK and isinstance(entry.schedule, CronSchedule):
+        if entry.task == defaults.TASK_DISPATCH and isinstance(entry.schedule, CronSchedule):
             # Tell the dispatcher which instant it stands for, so a late start covers the right window.
-            sched = entry.schedule
-            fired = latest_fire(sched.cron, sched.zone, datetime.now(UTC))
+            start, end = fired_window(entry.schedule.cron, entry.schedule.zone, datetime.now(UTC))
             entry = copy.copy(entry)
-            from reporter.runtime import runtime
-
-            entry.kwargs = {
-                **entry.kwargs,
-                "scheduled_for": isoformat(fired),
-                "window_end": isoformat(next_fire(sched.cron, sched.zone, fired)),
-                "config": runtime().config.version,
-            }
+            entry.kwargs = {**entry.kwargs, "scheduled_for": isoformat(start), "window_end": isoformat(end), "config": self.config.version}
         return super().apply_async(entry, producer, advance, **kwargs)

@@ -43,7 +43,7 @@ class Context:
         """The config, if it passes every check `reporter validate` makes; else ConfigError."""
         from reporter.checks import load_checked
 
-        return load_checked(self.settings.config_path, self.settings.environ, self.settings.templates_dir)
+        return load_checked(self.settings.config_path, self.settings.variables, self.settings.templates_dir)
 
     def runtime(self, local_limiter: bool = False) -> Runtime:
         """A Runtime for this process; LOCAL_LIMITER: a rate limit of its own, shared with no worker."""
@@ -315,8 +315,10 @@ def _send_async(rt: Runtime, report: str, at: datetime, to: list[str], wait: int
             f"no worker answers on the broker {mask_url(broker.url or '')}: start `reporter run` (or `reporter worker`) "
             "in another terminal, or use --sync to send from this process"
         )
+    from reporter.app import create_app
     from reporter.tasks import enqueue_send
 
+    create_app(rt.settings)  # the app the send is published through (the tasks find it as the current app)
     keys = audience(rt.config.reports[report], to or None).keys()
     rt.ledger.ensure(report, at, keys, trigger="manual")
     try:
@@ -401,7 +403,7 @@ def slot_text(slot: datetime) -> str:
 
 
 def _broker(settings: Settings) -> str:
-    return settings.broker.require()  # the one rule, as celery_app uses it
+    return settings.broker.require()  # the one rule, as create_app uses it
 
 
 def _verdict(check: Check, settings: Settings | None = None) -> NoReturn:
@@ -473,9 +475,8 @@ def status(obj: Context, failures: int, as_json: bool) -> None:
     click.echo(json.dumps(found.as_dict(), default=str) if as_json else render(found))
 
 
-def _celery(args: list[str]) -> NoReturn:
-    argv = [sys.executable, "-m", "celery", "-A", "reporter.celery_app", *args]
-    os.execv(sys.executable, argv)
+def _exec(argv: list[str]) -> NoReturn:
+    os.execv(argv[0], argv)
 
 
 def concurrency_for(cpus: int, memory_bytes: int | None, per_child_kib: int) -> int:
@@ -524,37 +525,28 @@ def worker(ctx: click.Context, concurrency: int | None, max_tasks_per_child: int
 
     SIGTERM is a warm shutdown: the worker takes no more tasks, finishes the sends in progress and exits.
     """
+    from reporter.app import worker_command
+
     conc = concurrency or concurrency_for(*_machine(), max_memory_per_child)
-    _celery(
-        [
-            "worker",
-            "-Q",
-            f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}",
-            "-c",
-            str(conc),
-            "--max-tasks-per-child",
-            str(max_tasks_per_child),
-            "--max-memory-per-child",
-            str(max_memory_per_child),
-            "--loglevel",
-            "INFO",
-            *ctx.args,
-        ]
-    )
+    _exec(worker_command(conc, max_tasks_per_child=max_tasks_per_child, max_memory_per_child=max_memory_per_child, extra=ctx.args))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def beat(ctx: click.Context) -> None:
     """The Celery beat scheduler, from the YAML crontab. Run exactly one. Extra arguments go to `celery beat`."""
-    _celery(["beat", "--loglevel", "INFO", *ctx.args])
+    from reporter.app import beat_command
+
+    _exec(beat_command(ctx.args))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def flower(ctx: click.Context) -> None:
     """Flower, the Celery web monitor (pip install 'reporter[flower]'). Extra arguments go to `celery flower`."""
-    _celery(["flower", *ctx.args])
+    from reporter.app import celery_command
+
+    _exec(celery_command("flower", *ctx.args))
 
 
 @cli.command()

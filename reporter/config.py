@@ -36,7 +36,7 @@ from reporter.schedule import cron_problem
 from reporter.yamldoc import Path_, read_yaml
 from reporter.yamldoc import dotted as _dotted
 
-KNOWN_TASKS = ("email_reports.schedule_hourly", "email_reports.prune_ledger", "email_reports.sweep")
+KNOWN_TASKS = dflt.BEAT_TASKS
 """Task names a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

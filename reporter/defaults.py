@@ -69,6 +69,24 @@ QUEUE_SCHEDULED = "reporter.scheduled"
 QUEUE_URGENT = "reporter.urgent"
 """Queue of send-now requests; workers take it first so a backlog never delays them."""
 
+QUEUES = (QUEUE_URGENT, QUEUE_SCHEDULED)
+"""Every queue, in the order a worker takes them: urgent first."""
+
+TASK_DISPATCH = "email_reports.schedule_hourly"
+"""The dispatcher: enqueues the report slots due in its window."""
+
+TASK_SEND = "email_reports.send"
+"""Render one report slot and send it to its recipients."""
+
+TASK_PRUNE = "email_reports.prune_ledger"
+"""Delete ledger rows older than the retention."""
+
+TASK_SWEEP = "email_reports.sweep"
+"""Re-enqueue deliveries whose task was lost; beat runs it every minute whatever the YAML says."""
+
+BEAT_TASKS = (TASK_DISPATCH, TASK_PRUNE, TASK_SWEEP)
+"""Tasks a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
+
 DISPATCH_WINDOW = 3600
 """Seconds covered by a dispatcher called by hand when no beat entry names its cron."""
 

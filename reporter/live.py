@@ -59,7 +59,7 @@ def load_checked(settings: Settings) -> Config:
     listing every problem otherwise."""
     from reporter import checks
 
-    return checks.load_checked(settings.config_path, settings.environ, settings.templates_dir)
+    return checks.load_checked(settings.config_path, settings.variables, settings.templates_dir)
 
 
 def from_content(settings: Settings, stored: str) -> Config:
@@ -67,7 +67,7 @@ def from_content(settings: Settings, stored: str) -> Config:
     from reporter import checks
 
     data = json.loads(stored)
-    draft = config_mod.draft(data["file"], str(settings.config_path), settings.environ, settings.templates_dir, data["templates"])
+    draft = config_mod.draft(data["file"], str(settings.config_path), settings.variables, settings.templates_dir, data["templates"])
     return checks.checked(draft)
 
 

@@ -9,7 +9,6 @@ the files, those of replaced children included, whenever it is scraped.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reporter.observers import Delivery
+from reporter.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Endpoint:
             return None
         # prometheus_client decides when imported whether samples go to files; it was imported above,
         # before the folder was known, so choose again. The forked children inherit both.
-        os.environ[MULTIPROC_ENV] = str(directory)
+        Settings.export(MULTIPROC_ENV, str(directory))
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         log.info("metrics on http://%s:%d/metrics", host, port)
         return cls(directory)

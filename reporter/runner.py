@@ -23,7 +23,8 @@ from typing import Any
 
 import click
 
-from reporter import defaults, runstate
+from reporter import runstate
+from reporter.app import beat_command, worker_command
 from reporter.errors import ReporterError
 from reporter.mail import destination
 from reporter.settings import Settings, mask_url
@@ -172,23 +173,9 @@ def run_all(settings: Settings, concurrency: int) -> int:
             redis_proc, broker = start_redis(var_dir)
             children.append(("redis", redis_proc))
             runstate.write_marker(var_dir, broker)
-        env = {**settings.environ, "REPORTER_BROKER_URL": broker}
-        celery = [sys.executable, "-m", "celery", "-A", "reporter.celery_app"]
-        worker_cmd = [
-            *celery,
-            "worker",
-            "-Q",
-            f"{defaults.QUEUE_URGENT},{defaults.QUEUE_SCHEDULED}",
-            "-c",
-            str(concurrency),
-            "-n",
-            "reporter-run@%h",
-            f"--max-tasks-per-child={defaults.WORKER_MAX_TASKS_PER_CHILD}",
-            f"--max-memory-per-child={defaults.WORKER_MAX_MEMORY_PER_CHILD}",
-            "--loglevel",
-            "INFO",
-        ]
-        beat_cmd = [*celery, "beat", "--loglevel", "INFO", "-s", str(var_dir / "celerybeat-schedule")]
+        env = settings.child_environ(REPORTER_BROKER_URL=broker)
+        worker_cmd = worker_command(concurrency, name="reporter-run@%h")
+        beat_cmd = beat_command(["-s", str(var_dir / "celerybeat-schedule")])
         for name, cmd in (("worker", worker_cmd), ("beat", beat_cmd)):
             children.append((name, subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=dies_with_parent())))
         say(

@@ -1,4 +1,4 @@
-"""Process settings from the environment. The only module that reads os.environ.
+"""Process settings from the environment. The only module that reads (or writes) os.environ.
 
 Every variable is declared once in OPTIONS, with its parser and default, and parsed strictly when a
 process starts: a value that cannot be read stops the process with the variable, the value
@@ -318,7 +318,9 @@ class Settings:
     smtp_url: str | None
     outbox: Path
     var_dir: Path
-    environ: Mapping[str, str]
+    variables: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """What `${VAR}` in schedules.yaml may name: the environment this process started with. Kept out of
+    repr, as it holds secrets; child processes get theirs from child_environ()."""
     log_format: str = "text"
     """REPORTER_LOG_FORMAT: text, or json for one JSON object per delivery log line."""
     metrics_port: int | None = None
@@ -359,7 +361,7 @@ class Settings:
             smtp_url=values["smtp_url"],
             outbox=values["outbox"],
             var_dir=var_dir,
-            environ=env,
+            variables=env,
             log_format=values["log_format"],
             metrics_port=values["metrics_port"],
             visibility_timeout=values["visibility_timeout"],
@@ -373,6 +375,16 @@ class Settings:
         """These settings for another schedules.yaml (--config); its templates beside it unless REPORTER_TEMPLATES is set."""
         templates = self.templates_override or config_path.parent / defaults.TEMPLATES_DIRNAME
         return replace(self, config_path=config_path, templates_dir=templates)
+
+    def child_environ(self, **overrides: str) -> dict[str, str]:
+        """The environment for a child process (`reporter run`'s worker and beat): this process's, with OVERRIDES."""
+        return {**self.variables, **overrides}
+
+    @staticmethod
+    def export(name: str, value: str) -> None:
+        """Set NAME in this process's own environment, for children it forks or starts later to inherit
+        (prometheus_client's multiprocess folder, which its library reads from the environment)."""
+        os.environ[name] = value
 
 
 def mask_url(url: str) -> str:

@@ -1,33 +1,33 @@
-"""The Celery tasks. Thin: each calls plain functions that tests can call without a broker."""
+"""The Celery tasks. Thin: each calls plain functions that tests can call without a broker.
+
+Registered with `shared_task`, so importing this module needs no app: the app that `celery -A
+reporter.celery_app` builds (reporter.app.create_app) includes it, and any other app gets them too.
+The policies the tasks apply (backoff, the sweep's give-up, the busy re-check) are plain functions below.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from reporter import defaults
 from reporter.audience import audience
-from reporter.beat import dispatcher_cron
-from reporter.celery_app import app
+from reporter.beat import dispatch_window
 from reporter.deliver import SendResult, fail_for_good, send_slot
 from reporter.dispatch import Due, dispatch
 from reporter.errors import ConfigError
 from reporter.ledger import Stuck
 from reporter.notice import notify_owners
 from reporter.runtime import Runtime, runtime
-from reporter.schedule import isoformat, next_fire, parse_instant
+from reporter.schedule import isoformat, parse_instant
 
 log = logging.getLogger(__name__)
-
-DISPATCH = "email_reports.schedule_hourly"
-SEND = "email_reports.send"
-PRUNE = "email_reports.prune_ledger"
-SWEEP = "email_reports.sweep"
 
 QUEUED_GRACE = timedelta(minutes=2)
 """A row still queued this long after its slot, and untouched as long, has lost its task."""
@@ -39,6 +39,34 @@ def backoff(
     """Exponential backoff with equal jitter: half the step fixed, half random, capped at MAXIMUM."""
     step: float = min(maximum, base * (2**retries))
     return step / 2 + (rand or random).uniform(0, step / 2)
+
+
+def out_of_retries(retries: int, allowed: int) -> bool:
+    """True when a send already retried RETRIES times may not retry again (ALLOWED: the report's max_retries)."""
+    return retries >= allowed
+
+
+def busy_recheck(busy: Sequence[str], busy_until: datetime | None, now: datetime) -> float | None:
+    """Seconds after which to look again at the BUSY recipients another execution holds (once its claim,
+    valid until BUSY_UNTIL, would have gone stale; at least a second); None when there is nothing to re-check."""
+    if not busy or busy_until is None:
+        return None
+    return max((busy_until - now).total_seconds(), 1.0)
+
+
+def same_queue(delivery_info: Mapping[str, Any] | None) -> str:
+    """The queue a task came from (so a re-check of a send-now stays urgent); the scheduled queue if unknown."""
+    return str((delivery_info or {}).get("routing_key") or defaults.QUEUE_SCHEDULED)
+
+
+def give_up(rows: Sequence[Stuck], retries: int) -> tuple[list[Stuck], list[Stuck]]:
+    """The sweep's policy for one slot's stuck ROWS: (failed for good, re-enqueued).
+
+    Each attempt that ended without a result (its process killed by the hard time limit or with its
+    worker) counts; a dead row that used up the report's RETRIES plus the first attempt is failed, not
+    retried forever. Lost rows (queued, their task gone) are always re-enqueued."""
+    spent = [r for r in rows if r.dead and r.attempts >= retries + 1]
+    return spent, [r for r in rows if r not in spent]
 
 
 def enqueue_send(
@@ -64,7 +92,7 @@ def enqueue_send(
     )
 
 
-@app.task(name=DISPATCH, acks_late=False)
+@shared_task(name=defaults.TASK_DISPATCH, acks_late=False)
 def schedule_hourly(
     scheduled_for: str | None = None, window_end: str | None = None, reports: list[str] | None = None, config: str | None = None
 ) -> dict[str, Any]:
@@ -74,17 +102,13 @@ def schedule_hourly(
     rt.follow(config)
     now = datetime.now(UTC)
     start = parse_instant(scheduled_for, UTC) if scheduled_for else now
-    if window_end:
-        end = parse_instant(window_end, UTC)
-    else:
-        found = dispatcher_cron(rt.config)
-        end = next_fire(found[0], found[1], start) if found else start + timedelta(seconds=defaults.DISPATCH_WINDOW)
+    end = parse_instant(window_end, UTC) if window_end else dispatch_window(rt.config, start)[1]
     done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
 
 
-@app.task(name=SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+@shared_task(name=defaults.TASK_SEND, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def send(
     self: Task, report: str, slot: str, only: list[str] | None = None, trigger: str = "schedule", config: str | None = None
 ) -> dict[str, Any]:
@@ -105,9 +129,9 @@ def send(
     try:
         result = send_slot(rt, report, at, only=only, trigger=trigger, task_id=self.request.id)
     except SoftTimeLimitExceeded:
-        limit = (self.request.timelimit or (None, None))[1] or self.soft_time_limit or app.conf.task_soft_time_limit
+        limit = (self.request.timelimit or (None, None))[1] or self.soft_time_limit or self.app.conf.task_soft_time_limit
         error = f"soft time limit exceeded ({limit:g}s)"
-        if self.request.retries < rt.config.retries_of(rt.config.reports[report]):
+        if not out_of_retries(self.request.retries, rt.config.retries_of(rt.config.reports[report])):
             log.error("send %s %s: %s; released for a retry", report, slot, error)
             raise self.retry(countdown=backoff(self.request.retries)) from None
         log.error("send %s %s: %s; no retries left", report, slot, error)
@@ -116,14 +140,13 @@ def send(
         notify_owners(rt, stuck)
         return stuck.as_dict()
     # First, before a retry below ends this run.
-    if result.busy and result.busy_until is not None:
+    wait = busy_recheck(result.busy, result.busy_until, datetime.now(UTC))
+    if wait is not None:
         # Another execution holds these rows (a redelivered copy of this task, or a process that
         # was killed). Look again once its claim would have gone stale; a fresh message, not a retry.
-        wait = max((result.busy_until - datetime.now(UTC)).total_seconds(), 1.0)
-        queue = (self.request.delivery_info or {}).get("routing_key") or defaults.QUEUE_SCHEDULED
-        enqueue_send(rt, Due(report, at), queue=queue, only=result.busy, trigger=trigger, countdown=wait)
+        enqueue_send(rt, Due(report, at), queue=same_queue(self.request.delivery_info), only=result.busy, trigger=trigger, countdown=wait)
     max_retries = rt.config.retries_of(rt.config.reports[report])
-    if result.retry and self.request.retries >= max_retries:
+    if result.retry and out_of_retries(self.request.retries, max_retries):
         fail_for_good(rt, result, f"gave up after {self.request.retries} retries")
     # Tell the owners of what failed for good in this run, including when others are retried below.
     notify_owners(rt, result)
@@ -144,7 +167,7 @@ def not_to_send(rt: Runtime, report: str, trigger: str) -> str | None:
     return None
 
 
-@app.task(name=PRUNE)
+@shared_task(name=defaults.TASK_PRUNE)
 def prune_ledger(days: int | None = None) -> dict[str, Any]:
     """Delete final ledger rows older than the retention."""
     rt = runtime()
@@ -154,7 +177,7 @@ def prune_ledger(days: int | None = None) -> dict[str, Any]:
     return {"deleted": deleted, "retention_days": keep}
 
 
-@app.task(name=SWEEP, acks_late=False)
+@shared_task(name=defaults.TASK_SWEEP, acks_late=False)
 def sweep() -> dict[str, Any]:
     """Re-enqueue deliveries whose task died with its worker or was lost with the broker.
 
@@ -178,17 +201,14 @@ def sweep() -> dict[str, Any]:
             gone = "the report is no longer in the configuration"
             counts["skipped"] += rt.ledger.skip_stuck(report, slot, [r.recipient for r in rows], gone)
             continue
-        # Each attempt that ended without a result (its process killed by the hard time limit or
-        # with its worker) counts; past the retries allowed, the delivery is failed, not retried forever.
-        limit = rt.config.retries_of(rt.config.reports[report]) + 1
-        spent = [r for r in rows if r.dead and r.attempts >= limit]
+        spent, again_rows = give_up(rows, rt.config.retries_of(rt.config.reports[report]))
         if spent:
             why = f"{max(r.attempts for r in spent)} attempts ended without a result (killed or timed out)"
             result = SendResult(report, slot, retry={r.recipient: why for r in spent})
             fail_for_good(rt, result, "gave up")
             notify_owners(rt, result)
             counts["gave_up"] += len(spent)
-        again = [r.recipient for r in rows if r not in spent]
+        again = [r.recipient for r in again_rows]
         if again:
             log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(again))
             enqueue_send(rt, Due(report, slot), only=again)

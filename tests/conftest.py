@@ -282,26 +282,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     def start(env: dict[str, str], concurrency: int = 2, name: str | None = None, ready_timeout: float = 60) -> Worker:
         name = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:4]}"
         log = tmp_path / f"{name}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "reporter.celery_app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            str(concurrency),
-            "-Q",
-            "reporter.urgent,reporter.scheduled",
-            "-n",
-            f"{name}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-mingle",
-            "--without-gossip",
-        ]
+        from reporter.app import worker_command
+
+        cmd = worker_command(concurrency, name=f"{name}@%h", extra=["-P", "prefork", "--without-mingle", "--without-gossip"])
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         worker = Worker(proc, log, name)
@@ -327,18 +310,9 @@ def start_beat(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]
 
     def start(env: dict[str, str], name: str = "beat") -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "wb") as log:
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "reporter.celery_app",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "-s",
-                str(tmp_path / f"{name}-sched"),
-            ]
+            from reporter.app import beat_command
+
+            cmd = beat_command(["-s", str(tmp_path / f"{name}-sched")])
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         procs.append(proc)
         return proc

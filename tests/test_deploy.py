@@ -298,7 +298,12 @@ def test_each_compose_service_command_starts_and_turns_healthy(
         # The `send` role, through the workers, into the mail catcher and the PostgreSQL ledger. An ad-hoc slot
         # (--now): beat sends the scheduled minutely slots itself, and may get there first.
         sent = subprocess.run(
-            command(["send", "signups", "--now", "--wait", "90"]), env=beat_env, cwd=shipped_copy, capture_output=True, text=True, timeout=120
+            command(["send", "signups", "--now", "--wait", "90"]),
+            env=beat_env,
+            cwd=shipped_copy,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
         found_id = re.match(r"oncall@example\.com\tsent\t(<signups\.[^>\s]+>)", sent.stdout)

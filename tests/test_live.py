@@ -54,7 +54,7 @@ def test_an_edit_is_applied_whole_and_its_version_is_the_content_hash(follow: Ca
     edit(project, "Regional {{", "Regional report {{")
     assert live.refresh() is True
     assert live.config.version != first
-    assert live.config.version == load(project.config, settings_for(project).environ).version
+    assert live.config.version == load(project.config, settings_for(project).variables).version
     assert live.config.reports["regional"].subject.startswith("Regional report")
     # Saving the same content again is no new version; undoing the edit is.
     project.config.write_text(project.config.read_text())
