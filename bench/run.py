@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (projects, worker logs)")
     args = parser.parse_args(argv)
 
+    # A plain `kill` (or a batch job's timeout) still stops the workers, Redis and the PostgreSQL database it made.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Reporter's own logging (a line per delivery) would drown the table.
     logging.basicConfig(level=logging.WARNING)
     names = args.only or [n for n in FIGURES if not (args.quick and n in QUICK_SKIPS)]
