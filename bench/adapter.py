@@ -24,6 +24,9 @@ def use_environment(env: Mapping[str, str]) -> None:
     for key in [k for k in os.environ if k.startswith("REPORTER_")]:
         del os.environ[key]
     os.environ.update(env)
+    # The Celery app the tasks publish through, built from the environment on first import (and made
+    # the current app, so tasks called here publish to the private Redis, never to a default broker).
+    import reporter.celery_app  # noqa: F401
     from reporter import runtime
 
     runtime.reset()
