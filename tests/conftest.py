@@ -37,6 +37,15 @@ def need(what: str, why: str) -> None:
     pytest.skip(f"{what} not available: {why}")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow tests first, in their usual order, then the rest.
+
+    Under xdist (`-n 4 --dist load`, see pyproject.toml) the first tests are handed out round-robin, so
+    the long real-process waits start at once on every worker and the quick tests fill the gaps, instead
+    of a few minute-long tests queueing at the end on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # ----------------------------------------------------------------------------- Redis
 
 

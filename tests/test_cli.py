@@ -18,6 +18,8 @@ from pypdf import PdfReader
 from reporter.settings import mask_url
 from tests.conftest import ROOT, Inbox, Project, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPORTER_")}

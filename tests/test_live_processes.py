@@ -16,7 +16,7 @@ from reporter.config import load
 from reporter.ledger import Ledger
 from tests.conftest import Inbox, Project, Worker, run_cli, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADDED = """
   weekly-ops:

@@ -31,7 +31,7 @@ from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, serving, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------- helpers

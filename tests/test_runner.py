@@ -18,7 +18,7 @@ import pytest
 from reporter import runstate
 from tests.conftest import Inbox, Project, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"), pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------- processes, from /proc
