@@ -38,12 +38,17 @@ def need(what: str, why: str) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the slow tests first, in their usual order, then the rest.
+    """Run the slow tests first, the longest (`@pytest.mark.slow(minutes=N)`) leading, then the rest.
 
     Under xdist (`-n 4 --dist load`, see pyproject.toml) the first tests are handed out round-robin, so
     the long real-process waits start at once on every worker and the quick tests fill the gaps, instead
     of a few minute-long tests queueing at the end on one worker."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+    def order(item: pytest.Item) -> tuple[bool, float]:
+        slow = item.get_closest_marker("slow")
+        return slow is None, -float(slow.kwargs.get("minutes", 0)) if slow else 0.0
+
+    items.sort(key=order)
 
 
 # ----------------------------------------------------------------------------- Redis
