@@ -38,17 +38,26 @@ def need(what: str, why: str) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the slow tests first, the longest (`@pytest.mark.slow(minutes=N)`) leading, then the rest.
+    """Put the longest tests (`@pytest.mark.slow(minutes=N)`) first, each followed by a quick one, then
+    the other slow tests, then the rest.
 
-    Under xdist (`-n 4 --dist load`, see pyproject.toml) the first tests are handed out round-robin, so
-    the long real-process waits start at once on every worker and the quick tests fill the gaps, instead
-    of a few minute-long tests queueing at the end on one worker."""
+    Under xdist (`-n 4 --dist load --maxschedchunk 1`, see pyproject.toml) each process first gets two
+    neighbouring tests, then one more whenever it finishes one. So the four longest start at once on four
+    processes, the next longest go to whichever process frees up first, and the quick tests fill the gaps
+    instead of queueing behind a minute-long wait."""
 
-    def order(item: pytest.Item) -> tuple[bool, float]:
+    def minutes(item: pytest.Item) -> float:
         slow = item.get_closest_marker("slow")
-        return slow is None, -float(slow.kwargs.get("minutes", 0)) if slow else 0.0
+        return float(slow.kwargs.get("minutes", 0)) if slow else 0.0
 
-    items.sort(key=order)
+    longest = sorted((i for i in items if minutes(i) > 0), key=minutes, reverse=True)
+    slow = [i for i in items if minutes(i) == 0 and i.get_closest_marker("slow")]
+    quick = [i for i in items if not i.get_closest_marker("slow")]
+    fillers = quick[: len(longest)]
+    ordered = [test for pair in zip(longest, fillers, strict=False) for test in pair]
+    ordered += longest[len(fillers) :] + slow + quick[len(fillers) :]
+    assert len(ordered) == len(items)
+    items[:] = ordered
 
 
 # ----------------------------------------------------------------------------- Redis
