@@ -452,10 +452,13 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
     wait_until(lambda: "Hard time limit (4" in worker.output(), 60, "the hard limit to kill the render")
     wait_until(lambda: any(m["Subject"] == "Fine" for m in inbox.messages), 60, "the other report")
     ledger = Ledger.from_url(project.db_url)
+    # Only the slot sent above: beat's start-up dispatch also queues today's 07:00 slot when the test
+    # runs between 06:01 and 07:00 UTC (its window reaches the hourly dispatcher's next fire).
+    sent_slot = datetime(2026, 1, 5, 7, 0, tzinfo=UTC)
     # The killed attempt's claim goes stale after the hard limit + 30 s; the next sweep gives up on it.
-    wait_until(lambda: [r.status for r in ledger.rows(report="stubborn")] == ["failed"], 150, "the sweep to give up")
-    [row] = ledger.rows(report="stubborn")
+    wait_until(lambda: [r.status for r in ledger.rows(report="stubborn", slot=sent_slot)] == ["failed"], 150, "the sweep to give up")
+    [row] = ledger.rows(report="stubborn", slot=sent_slot)
     assert row.error and "attempts ended without a result" in row.error, row.error
     wait_until(lambda: any(rcpts == ["owner@example.com"] for _, rcpts in inbox.envelopes), 30, "the owners' notice")
-    assert [m["Subject"] for m in inbox.messages if m["Subject"] == "Fine"] == ["Fine"]
+    assert [m["Subject"] for m in inbox.messages if m["Subject"] == "Fine" and m["X-Reporter-Slot"] == isoformat(sent_slot)] == ["Fine"]
     ledger.dispose()
