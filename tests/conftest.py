@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import fcntl
 import os
 import shutil
 import subprocess
@@ -56,8 +57,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     fillers = quick[: len(longest)]
     ordered = [test for pair in zip(longest, fillers, strict=False) for test in pair]
     ordered += longest[len(fillers) :] + slow + quick[len(fillers) :]
+    # Tests that must run alone go last: while they wait for the others to finish, nothing is left to hold up.
+    ordered = [i for i in ordered if not i.get_closest_marker("alone")] + [i for i in ordered if i.get_closest_marker("alone")]
     assert len(ordered) == len(items)
     items[:] = ordered
+
+
+@pytest.fixture(autouse=True)
+def _alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under xdist, a test marked `alone` runs while no other test does; every other test may share.
+
+    A lock file shared by the xdist processes (in the run's common temp folder): each test holds it shared,
+    an `alone` test exclusively, so a test that measures timing (the rate limit at the SMTP server) is not
+    skewed by other tests' processes competing for the CPU."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("alone") is not None
+    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 # ----------------------------------------------------------------------------- Redis

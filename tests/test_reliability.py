@@ -322,6 +322,7 @@ def test_redis_restarted_mid_run_deliveries_resume_and_nothing_is_lost(
 # ----------------------------------------------------------------------------- rate limit
 
 
+@pytest.mark.alone  # it measures arrival times: other tests' processes competing for the CPU bunch them
 def test_global_rate_limit_holds_across_workers_and_is_nearly_reached(
     make_project: Callable[..., Project], fresh_redis: str, timed_inbox: TimedInbox, start_worker: Callable[..., Worker]
 ) -> None:
