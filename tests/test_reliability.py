@@ -157,16 +157,18 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     workers = [start_worker(env, concurrency=2), start_worker(env, concurrency=2)]
     start_beat(env)  # for the sweep that finds deliveries of a worker killed outright
     started = time.monotonic()
-    dispatch_past_days(fresh_redis, days)
+    # Only the dispatched days: beat's start-up dispatch also queues today's 07:00 slot between 06:01
+    # and 07:00 UTC (its window reaches the hourly dispatcher's next fire), not due before 07:00.
+    _, end = dispatch_past_days(fresh_redis, days)
     ledger = Ledger.from_url(project.db_url)
-    wait_until(lambda: len(ledger.rows(report="chaos")) == days * len(recipients), 60, "the dispatcher to record 32 rows")
+    wait_until(lambda: len(ledger.rows(report="chaos", until=end)) == days * len(recipients), 60, "the dispatcher to record 32 rows")
 
     rng = random.Random(20261121)
     kills = {"child": 0, "worker": 0}
     in_flight_at_kill: set[tuple[str, str]] = set()
-    while time.monotonic() - started < 40 and not all(r.status == "sent" for r in ledger.rows(report="chaos")):
+    while time.monotonic() - started < 40 and not all(r.status == "sent" for r in ledger.rows(report="chaos", until=end)):
         time.sleep(rng.uniform(0.5, 1.5))
-        in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos", status="sending")}
+        in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos", status="sending", until=end)}
         victim = rng.choice([w for w in workers if w.proc.poll() is None])
         if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
             os.kill(rng.choice(kids), signal.SIGKILL)
@@ -180,15 +182,21 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
 
     try:
         wait_until(
-            lambda: all(r.status == "sent" for r in ledger.rows(report="chaos")), 300 - (time.monotonic() - started), "every delivery"
+            lambda: all(r.status == "sent" for r in ledger.rows(report="chaos", until=end)),
+            300 - (time.monotonic() - started),
+            "every delivery",
         )
     except AssertionError:
-        stuck = [(isoformat(r.slot), r.recipient, r.status, r.attempts, r.error) for r in ledger.rows(report="chaos") if r.status != "sent"]
+        stuck = [
+            (isoformat(r.slot), r.recipient, r.status, r.attempts, r.error)
+            for r in ledger.rows(report="chaos", until=end)
+            if r.status != "sent"
+        ]
         logs = "\n".join(w.output()[-2500:] for w in workers)
         raise AssertionError(f"not sent after {time.monotonic() - started:.0f}s (kills: {kills}): {stuck}\n{logs}") from None
     took = time.monotonic() - started
     got = delivered(timed_inbox)
-    expected = {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos")}
+    expected = {(isoformat(r.slot), r.recipient) for r in ledger.rows(report="chaos", until=end)}
     missing = expected - set(got)
     duplicates = {key: n for key, n in got.items() if n > 1}
     after_data = {key: n for key, n in duplicates.items() if key in in_flight_at_kill}
