@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import fcntl
 import gc
 import os
 import shutil
@@ -36,6 +37,47 @@ def need(what: str, why: str) -> None:
     if IN_CI:
         pytest.fail(f"{what} is required in CI: {why}")
     pytest.skip(f"{what} not available: {why}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the longest tests (`@pytest.mark.slow(minutes=N)`) first, each followed by a quick one, then
+    the other slow tests, then the rest.
+
+    Under xdist (`-n 4 --dist load --maxschedchunk 1`, see pyproject.toml) each process first gets two
+    neighbouring tests, then one more whenever it finishes one. So the four longest start at once on four
+    processes, the next longest go to whichever process frees up first, and the quick tests fill the gaps
+    instead of queueing behind a minute-long wait."""
+
+    def minutes(item: pytest.Item) -> float:
+        slow = item.get_closest_marker("slow")
+        return float(slow.kwargs.get("minutes", 0)) if slow else 0.0
+
+    longest = sorted((i for i in items if minutes(i) > 0), key=minutes, reverse=True)
+    slow = [i for i in items if minutes(i) == 0 and i.get_closest_marker("slow")]
+    quick = [i for i in items if not i.get_closest_marker("slow")]
+    fillers = quick[: len(longest)]
+    ordered = [test for pair in zip(longest, fillers, strict=False) for test in pair]
+    ordered += longest[len(fillers) :] + slow + quick[len(fillers) :]
+    # Tests that must run alone go last: while they wait for the others to finish, nothing is left to hold up.
+    ordered = [i for i in ordered if not i.get_closest_marker("alone")] + [i for i in ordered if i.get_closest_marker("alone")]
+    assert len(ordered) == len(items)
+    items[:] = ordered
+
+
+@pytest.fixture(autouse=True)
+def _alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Under xdist, a test marked `alone` runs while no other test does; every other test may share.
+
+    A lock file shared by the xdist processes (in the run's common temp folder): each test holds it shared,
+    an `alone` test exclusively, so a test that measures timing (the rate limit at the SMTP server) is not
+    skewed by other tests' processes competing for the CPU."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("alone") is not None
+    with open(tmp_path_factory.getbasetemp().parent / "alone.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 # ----------------------------------------------------------------------------- Redis

@@ -89,6 +89,7 @@ def with_cc_bcc(make_project: Callable[..., Project], group: bool = False) -> Pr
 
 
 @pytest.mark.parametrize("group", [False, True])
+@pytest.mark.slow
 def test_cc_and_bcc_get_one_email_per_slot_recorded_in_the_ledger(make_project: Callable[..., Project], inbox: Inbox, group: bool) -> None:
     project = with_cc_bcc(make_project, group)
     env = project.env(REPORTER_SMTP_URL=inbox.url)
@@ -115,6 +116,7 @@ def test_cc_and_bcc_get_one_email_per_slot_recorded_in_the_ledger(make_project: 
     ]
 
 
+@pytest.mark.slow
 def test_cc_and_bcc_left_over_after_the_to_rows_get_a_message_of_their_own(make_project: Callable[..., Project], inbox: Inbox) -> None:
     project = with_cc_bcc(make_project)
     env = project.env(REPORTER_SMTP_URL=inbox.url)
@@ -134,6 +136,7 @@ def test_cc_and_bcc_left_over_after_the_to_rows_get_a_message_of_their_own(make_
     assert b"audit@example.com" not in msg.as_bytes()
 
 
+@pytest.mark.slow
 def test_maildir_never_stores_the_bcc_address(make_project: Callable[..., Project]) -> None:
     project = with_cc_bcc(make_project)
     done = run_cli("send", "regional", "--sync", "--slot", "2026-07-01T07:00", env=project.env())

@@ -15,7 +15,7 @@ import pytest
 from reporter.ledger import Ledger
 from tests.conftest import ROOT, Inbox, Project, Worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DISPATCHED = re.compile(r"dispatched (\d+) slot\(s\) for \[(\S+), (\S+)\)")
 

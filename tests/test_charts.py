@@ -179,6 +179,7 @@ def shipped(tmp_path: Path) -> Config:
     return load(ROOT / "schedules.yaml", {**os.environ, "WAREHOUSE_URL": f"sqlite:///{tmp_path}/warehouse.db"})
 
 
+@pytest.mark.slow
 def test_shipped_sales_daily_has_a_vector_chart_in_the_pdf_and_an_inline_png_in_the_email(shipped: Config) -> None:
     renderer = Renderer(shipped)
     try:
@@ -207,6 +208,7 @@ def test_shipped_sales_daily_has_a_vector_chart_in_the_pdf_and_an_inline_png_in_
     assert [p.get_filename() for p in parsed.iter_attachments()] == ["sales-daily-2026-11-20_0700.pdf", "sales-daily-2026-11-20_0700.csv"]
 
 
+@pytest.mark.slow
 def test_templates_place_charts_and_unplaced_ones_go_above_the_footer(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:
@@ -236,6 +238,7 @@ def test_templates_place_charts_and_unplaced_ones_go_above_the_footer(
         renderer.render("typo", SLOT)
 
 
+@pytest.mark.slow
 def test_a_chart_arrives_inline_at_the_smtp_server(shipped_copy: Path, inbox: Inbox) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPORTER_")} | {"REPORTER_SMTP_URL": inbox.url}
     done = run_cli("send", "signups", "--sync", "--slot", "2026-11-20T07:00", env=env, cwd=shipped_copy)
@@ -250,6 +253,7 @@ def test_a_chart_arrives_inline_at_the_smtp_server(shipped_copy: Path, inbox: In
     assert html is not None and 'src="cid:chart-trend@signups.reporter" alt="Sign-ups per minute"' in html.get_content()
 
 
+@pytest.mark.slow
 def test_validate_finds_a_chart_name_the_report_does_not_declare(shipped_copy: Path) -> None:
     template = shipped_copy / "templates" / "sales_daily.html"
     template.write_text(template.read_text().replace("{{ chart('revenue') }}", "{{ chart('revenu') }}"))

@@ -18,6 +18,8 @@ from pypdf import PdfReader
 from reporter.settings import mask_url
 from tests.conftest import ROOT, Inbox, Project, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REPORTER_")}
@@ -239,6 +241,7 @@ def processes_in(folder: Path) -> list[int]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow(minutes=1)
 def test_run_delivers_on_embedded_defaults_and_ctrl_c_stops_everything(shipped_copy: Path, inbox: Inbox) -> None:
     log = shipped_copy / "run.log"
     with open(log, "wb") as out:

@@ -218,6 +218,7 @@ def test_compose_file_has_the_promised_services() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_each_compose_service_command_starts_and_turns_healthy(
     machine_redis: str, pg_url: str, inbox: Inbox, shipped_copy: Path, tmp_path: Path
 ) -> None:
@@ -342,6 +343,7 @@ class HeldSMTP:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sigterm_lets_the_worker_finish_the_send_in_progress(
     make_project: Callable[..., Project], fresh_redis: str, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker
 from tests.test_deploy import BIN, minute, publish_send, reporter_cmd, spawn, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 AUTH = "ops:s3cret"
 

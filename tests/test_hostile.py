@@ -270,6 +270,7 @@ def test_attachment_cap_takes_sizes_with_units(tmp_path: Path) -> None:
     assert config.attachment_cap_of(config.reports["r1"]) == 512 * 1024
 
 
+@pytest.mark.slow
 def test_validate_prints_every_problem_and_no_traceback(tmp_path: Path) -> None:
     path = write_project(tmp_path, BROKEN[-1][1])
     done = run_cli("validate", env={**os.environ, "REPORTER_CONFIG": str(path)})
@@ -281,6 +282,7 @@ def test_validate_prints_every_problem_and_no_traceback(tmp_path: Path) -> None:
         assert f"  {expected}\n" in done.stderr
 
 
+@pytest.mark.slow
 def test_validate_refuses_an_alias_bomb_and_infinite_limits_in_one_run(tmp_path: Path) -> None:
     from tests.test_config import ALIAS_BOMB
 
@@ -301,6 +303,7 @@ def test_validate_refuses_an_alias_bomb_and_infinite_limits_in_one_run(tmp_path:
     assert done.stderr.splitlines()[1:] == [f"  {path}:7: reports.r1.query_timeout: must be a finite number, not .inf"]
 
 
+@pytest.mark.slow
 def test_validate_finds_template_syntax_errors_before_any_schedule_fires(tmp_path: Path) -> None:
     text = BASE.replace("subject: Hi", 'subject: "Total {{ row_count | }}"') + "    text_template: t.txt\n"
     path = write_project(tmp_path, text)
@@ -424,6 +427,7 @@ def config_or_config_error(load_it: Callable[[], Config]) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(document=documents)
+@pytest.mark.slow
 def test_any_yaml_document_is_a_config_or_a_config_error(templates_dir: Path, document: object) -> None:
     text = yaml.safe_dump(document, allow_unicode=True)
     config_or_config_error(lambda: parse(text, "fuzz.yaml", {"X": "1"}, templates_dir))
@@ -722,6 +726,7 @@ def test_template_cannot_make_the_pdf_load_files_internal_hosts_or_attachments(
     assert "localhost resolves to" in refusals
 
 
+@pytest.mark.slow
 def test_report_data_is_escaped_and_loads_nothing_even_when_a_template_trusts_it(
     make_project: Callable[..., Project],
     renderers: Callable[[Config], Renderer],
@@ -851,6 +856,7 @@ def test_allowed_host_resolving_to_loopback_is_refused_before_connecting(tmp_pat
 INJECTED = "Sales\r\nBcc: evil@example.net\r\nX-Evil: 1\x00\x1b[31m\x07\u2028done\x7f"
 
 
+@pytest.mark.slow
 def test_subject_from_data_cannot_inject_headers(make_project: Callable[..., Project], inbox: Inbox) -> None:
     project = hostile_project(
         make_project, {"r": report(subject="{{ rows[0].region }}")}, rows=f"return [{{'region': {INJECTED!r}, 'amount': 1}}]"
@@ -865,6 +871,7 @@ def test_subject_from_data_cannot_inject_headers(make_project: Callable[..., Pro
     assert "\r\n1 row; totals: amount 1.\r\n" in msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_recipient_from_the_command_line_cannot_inject_headers(make_project: Callable[..., Project], inbox: Inbox) -> None:
     project = make_project()
     done = run_cli(
@@ -895,6 +902,7 @@ def test_build_refuses_anything_but_one_address_per_sender_or_recipient(sender: 
         build(rendered, sender, to, [], "<x@example.com>", with_html=True)
 
 
+@pytest.mark.slow
 def test_internationalised_domains_go_out_in_ascii(make_project: Callable[..., Project], inbox: Inbox) -> None:
     project = hostile_project(
         make_project,
@@ -911,6 +919,7 @@ def test_internationalised_domains_go_out_in_ascii(make_project: Callable[..., P
     assert msg["Cc"] == "ops@xn--exmple-cua.com"
 
 
+@pytest.mark.slow
 def test_non_ascii_mailbox_needs_smtputf8_and_fails_for_good_without_it(
     make_project: Callable[..., Project], inbox: Inbox, smtp_server: Callable[..., Inbox]
 ) -> None:
@@ -933,6 +942,7 @@ def test_non_ascii_mailbox_needs_smtputf8_and_fails_for_good_without_it(
 ROWS_30 = "return [{'region': f'Region-{i:02d}', 'amount': i} for i in range(30)]"
 
 
+@pytest.mark.slow
 def test_row_cap_shows_the_first_rows_with_a_note_and_the_csv_has_all(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:
@@ -973,6 +983,7 @@ def test_row_cap_shows_the_first_rows_with_a_note_and_the_csv_has_all(
     assert uncapped.notes == () and uncapped.html.count("<tr><td>Region-") == 30 and "reporter-notes" not in uncapped.html
 
 
+@pytest.mark.slow
 def test_attachments_over_the_size_cap_are_left_out_with_a_note(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer], inbox: Inbox
 ) -> None:
@@ -1080,6 +1091,7 @@ def right_password_only(server: Any, session: Any, envelope: Any, mechanism: str
     return AuthResult(success=ok, handled=False)  # not handled: aiosmtpd sends the 535 reply itself
 
 
+@pytest.mark.slow
 def test_failing_smtp_login_prints_no_password(make_project: Callable[..., Project], smtp_server: Callable[..., Inbox]) -> None:
     auth_inbox = smtp_server(authenticator=right_password_only, auth_require_tls=False)
     project = make_project(recipients=["ann@example.com", "ben@example.com"])
@@ -1097,6 +1109,7 @@ def test_failing_smtp_login_prints_no_password(make_project: Callable[..., Proje
     assert auth_inbox.messages == []
 
 
+@pytest.mark.slow
 def test_validate_connect_logs_in_to_smtp_and_prints_no_password(
     make_project: Callable[..., Project], smtp_server: Callable[..., Inbox]
 ) -> None:
@@ -1117,6 +1130,7 @@ def test_validate_connect_logs_in_to_smtp_and_prints_no_password(
     assert auth_inbox.messages == []
 
 
+@pytest.mark.slow
 def test_unreachable_datasource_with_a_password_leaks_it_nowhere(make_project: Callable[..., Project]) -> None:
     from reporter.runner import free_port
 

@@ -93,6 +93,7 @@ def test_for_email_never_fetches_a_stylesheet(web: tuple[str, list[str]]) -> Non
     assert "evil.css" not in html and "color: red" not in html
 
 
+@pytest.mark.slow
 def test_shipped_report_keeps_its_layout_without_the_style_block(tmp_path: Path) -> None:
     config = load(ROOT / "schedules.yaml", {**os.environ, "WAREHOUSE_URL": f"sqlite:///{tmp_path}/warehouse.db"})
     renderer = Renderer(config)
@@ -113,6 +114,7 @@ def test_shipped_report_keeps_its_layout_without_the_style_block(tmp_path: Path)
     assert numbers and all("text-align: right" in c["style"] for c in numbers)
 
 
+@pytest.mark.slow
 def test_a_long_table_is_cut_to_fit_under_100_kb_and_says_how_many_rows_are_in_the_attachment(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:

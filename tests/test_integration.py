@@ -20,7 +20,7 @@ from reporter.ledger import Ledger
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RECIPIENTS = ["ann@example.com", "ben@example.com", "cy@example.com"]
 

@@ -138,6 +138,7 @@ def test_claim_takes_only_the_recipients_asked_for(ledger: Ledger) -> None:
     assert len(ledger.rows()) == 3
 
 
+@pytest.mark.slow
 def test_concurrent_claims_from_eight_engines_give_each_recipient_to_one(open_ledger: Callable[[], Ledger]) -> None:
     threads_n, rounds, tries = 8, 6, 3
     recipients = [f"r{i}@example.com" for i in range(5)]
@@ -474,6 +475,7 @@ def test_a_claim_that_only_records_an_outcome_is_not_an_attempt(ledger: Ledger) 
     assert (one(ledger, "a@x").status, one(ledger, "a@x").attempts) == ("failed", 1)
 
 
+@pytest.mark.slow
 def test_many_processes_creating_a_fresh_ledger_at_once_all_succeed(tmp_path: Path) -> None:
     """beat, the worker and the CLI open a new ledger at the same moment: none may fail on 'already exists'."""
     import multiprocessing

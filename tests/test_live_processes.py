@@ -16,7 +16,7 @@ from reporter.config import load
 from reporter.ledger import Ledger
 from tests.conftest import Inbox, Project, Worker, run_cli, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADDED = """
   weekly-ops:
@@ -35,6 +35,7 @@ def subjects(inbox: Inbox, address: str) -> list[str]:
     return [str(m["Subject"]) for m in inbox.to(address)]
 
 
+@pytest.mark.slow(minutes=3)
 def test_beat_and_workers_follow_an_added_report_an_invalid_edit_and_a_fix(
     make_project: Callable[..., Project],
     fresh_redis: str,

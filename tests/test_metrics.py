@@ -22,7 +22,7 @@ from reporter.runner import free_port
 from tests.conftest import Inbox, Project
 from tests.test_deploy import BIN, minute, publish_send, reporter_cmd, spawn, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RECIPIENTS = ["ann@example.com", "ben@example.com", "cy@example.com"]
 

@@ -31,7 +31,7 @@ from reporter.runner import free_port, redis_server_binary, start_redis, stop
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, serving, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -130,6 +130,7 @@ def rows(slot, report):
 # ----------------------------------------------------------------------------- crashes
 
 
+@pytest.mark.slow(minutes=2)
 def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     make_project: Callable[..., Project],
     fresh_redis: str,
@@ -214,6 +215,7 @@ def leader_pid(broker: str) -> int | None:
     return None if raw is None else int(json.loads(raw)["pid"])
 
 
+@pytest.mark.slow(minutes=3)
 def test_two_beats_send_once_and_the_standby_takes_over_after_sigkill(
     make_project: Callable[..., Project],
     fresh_redis: str,
@@ -266,6 +268,7 @@ def test_two_beats_send_once_and_the_standby_takes_over_after_sigkill(
 # ----------------------------------------------------------------------------- broker restart
 
 
+@pytest.mark.slow(minutes=3)
 def test_redis_restarted_mid_run_deliveries_resume_and_nothing_is_lost(
     make_project: Callable[..., Project], inbox: Inbox, start_worker: Callable[..., Worker], start_beat: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -322,6 +325,7 @@ def test_redis_restarted_mid_run_deliveries_resume_and_nothing_is_lost(
 # ----------------------------------------------------------------------------- rate limit
 
 
+@pytest.mark.alone  # it measures arrival times: other tests' processes competing for the CPU bunch them
 def test_global_rate_limit_holds_across_workers_and_is_nearly_reached(
     make_project: Callable[..., Project], fresh_redis: str, timed_inbox: TimedInbox, start_worker: Callable[..., Worker]
 ) -> None:
@@ -422,6 +426,7 @@ def ignores_soft_limit(slot, report):
 """
 
 
+@pytest.mark.slow(minutes=3)
 def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_attempts(
     make_project: Callable[..., Project],
     fresh_redis: str,

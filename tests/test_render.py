@@ -99,6 +99,7 @@ def unique_module() -> str:
 # --------------------------------------------------------------------------- a whole report
 
 
+@pytest.mark.slow
 def test_render_produces_every_part(make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]) -> None:
     project = make_project()
     with open(project.root / "orders.sql", "a") as seed:
@@ -151,6 +152,7 @@ def test_render_produces_every_part(make_project: Callable[..., Project], render
     assert names == ["regional-2026-07-01_0700.pdf", "regional-2026-07-01_0700.csv"]
 
 
+@pytest.mark.slow
 def test_function_data_is_escaped_in_html_and_raw_in_csv(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:
@@ -169,6 +171,7 @@ def test_function_data_is_escaped_in_html_and_raw_in_csv(
     assert rendered.subject == "Rows at 07:00: 1"
 
 
+@pytest.mark.slow
 def test_csv_attachment_is_safe_to_open_in_a_spreadsheet(
     make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:
@@ -230,6 +233,7 @@ def test_slot_is_shown_in_the_reports_zone(make_project: Callable[..., Project],
     assert "berlin" in rendered.html
 
 
+@pytest.mark.slow
 def test_long_table_spans_pages_numbered_n_of_n(make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]) -> None:
     module = unique_module()
     config = custom_project(
@@ -404,6 +408,7 @@ def read_all(response: Any) -> bytes:
     raise AssertionError(f"unknown fetch response {response!r}")
 
 
+@pytest.mark.slow
 def test_pdf_never_embeds_files_outside_the_templates_folder(
     tmp_path: Path, make_project: Callable[..., Project], renderers: Callable[[Config], Renderer]
 ) -> None:

@@ -18,7 +18,7 @@ import pytest
 from reporter import runstate
 from tests.conftest import Inbox, Project, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"), pytest.mark.slow]
 
 
 # ----------------------------------------------------------------------------- processes, from /proc
@@ -195,6 +195,7 @@ def test_a_clean_stop_by_any_signal_stops_every_child_and_grandchild(
     assert runstate.holder(project.root / "var") is None
 
 
+@pytest.mark.slow(minutes=1)
 def test_sigkill_of_run_takes_its_children_too_and_the_stale_broker_url_is_not_blamed_on_a_broker(
     make_project: Callable[..., Project], inbox: Inbox, start_run: Callable[[Project, dict[str, str]], Run]
 ) -> None:

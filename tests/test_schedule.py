@@ -282,6 +282,7 @@ instants = st.integers(min_value=int(u(2026, 3, 5).timestamp()), max_value=int(u
 
 @settings(max_examples=150, deadline=None)
 @given(cron=st.sampled_from(CRONS), zone=st.sampled_from(ZONES), a=instants, gap1=st.integers(0, 3 * 86400), gap2=st.integers(0, 3 * 86400))
+@pytest.mark.slow
 def test_adjacent_windows_partition_the_slots(cron: str, zone: tzinfo, a: int, gap1: int, gap2: int) -> None:
     """slots[a, b) + slots[b, c) == slots[a, c): no slot lost or repeated at a window boundary."""
     start = datetime.fromtimestamp(a, UTC)

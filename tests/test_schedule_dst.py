@@ -281,12 +281,14 @@ def oracle(cron: str, name: str, change: datetime) -> tuple[datetime, ...]:
     return tuple(cronie_fires(cron, ZoneInfo(name), change - AROUND, change + AROUND))
 
 
+@pytest.mark.slow
 def test_every_zone_has_four_changes_in_two_years() -> None:
     """The property tests below would be vacuous for a zone without changes."""
     assert {name: len(changes(name)) for name in ZONES} == {name: 4 for name in ZONES}
 
 
 @pytest.mark.parametrize("name", ZONES)
+@pytest.mark.slow
 def test_agrees_with_cronie_around_every_change(name: str) -> None:
     """slots_between, iter_fires, next_fire(s), latest_fire and window give cronie's fires, to the second."""
     zone, checked = ZoneInfo(name), 0
@@ -322,6 +324,7 @@ def test_agrees_with_cronie_around_every_change(name: str) -> None:
     offset=st.integers(-3 * 3600 * 10**6, 3 * 3600 * 10**6),
     length=st.integers(0, 6 * 3600),
 )
+@pytest.mark.slow
 def test_any_instant_near_a_change_agrees_with_cronie(name: str, cron: str, which: int, offset: int, length: int) -> None:
     """At any instant (to the microsecond) within 3 hours of a change: the same answers as the oracle."""
     zone, change = ZoneInfo(name), changes(name)[which]

@@ -308,6 +308,7 @@ def test_send_sync_shares_the_rate_limit_only_on_a_broker_workers_are_known_to_u
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_bad_variable_stops_validate_run_and_a_celery_worker_with_exit_1_and_no_traceback(make_project: Callable[..., Project]) -> None:
     project = make_project()
     env = project.env(REPORTER_METRICS_PORT="9808 ", REPORTER_BROKER_URL="http://bot:pw-s3cret@redis:6379")
@@ -327,6 +328,7 @@ def test_a_bad_variable_stops_validate_run_and_a_celery_worker_with_exit_1_and_n
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_an_unknown_variable_is_a_warning_and_the_command_still_runs(make_project: Callable[..., Project]) -> None:
     project = make_project()
     done = subprocess.run(
@@ -345,6 +347,7 @@ def test_an_unknown_variable_is_a_warning_and_the_command_still_runs(make_projec
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_broker_that_does_not_answer_is_named_with_what_to_do_by_status_health_and_send(make_project: Callable[..., Project]) -> None:
     from reporter.runner import free_port
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, Project, Worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_visibility_timeout_shorter_than_the_dispatch_window_is_refused(make_project: Callable[..., Project], fresh_redis: str) -> None:
