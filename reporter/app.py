@@ -9,9 +9,11 @@ module that builds an app from the environment, for `celery -A reporter.celery_a
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -199,6 +201,7 @@ def _wire_signals(app: App) -> None:
         # Database engines and Redis connections must not be shared across the fork; the configuration is
         # kept, so a child forked while schedules.yaml holds a broken edit runs the last good version.
         reset(keep_config=True)
+        count_memory_from_here()
 
     def start_metrics(instance: Any = None, **_: Any) -> None:
         # In the main process, after logging is set up and before the pool forks: every child inherits the folder.
@@ -226,6 +229,37 @@ def _wire_signals(app: App) -> None:
         signal.connect(handler, weak=True)
     # Signals hold their receivers weakly: the app keeps them alive exactly as long as itself.
     app.reporter_handlers = [h for _, h in handlers]
+
+
+def resident_kib() -> int | None:
+    """This process's resident memory now, in KiB (None where /proc is not there to tell)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def count_memory_from_here() -> None:
+    """In a pool process just forked: make `--max-memory-per-child` count what this process has grown
+    since now, not its peak resident memory.
+
+    Celery (billiard) compares the limit with getrusage's ru_maxrss, the peak, which on Linux a forked
+    child inherits from its parent: a worker whose main process holds a large configuration (and
+    WeasyPrint, fonts and charts) would replace every child after every task. What the limit is for is
+    a child that keeps growing, so it is measured against the child's own start, with the resident
+    memory now rather than the peak (a big PDF's memory freed again is not growth).
+    """
+    start = resident_kib()
+    if start is None:
+        return  # Celery's own measure stays
+    import billiard.pool
+
+    def grown_kib() -> int:
+        now = resident_kib()
+        return max((now or start) - start, 1)  # billiard takes 0 or less as "cannot tell"
+
+    billiard.pool.mem_rss = grown_kib  # looked up by name in billiard's worker loop after every task
 
 
 def worker_command(

@@ -480,9 +480,10 @@ def _exec(argv: list[str]) -> NoReturn:
 
 
 def concurrency_for(cpus: int, memory_bytes: int | None, per_child_kib: int) -> int:
-    """Worker processes: one per CPU less one for the rest of the machine, and no more than half the
-    memory holds at PER_CHILD_KIB each (a child may pass its limit during the task that replaces it)."""
-    by_cpu = cpus - 1
+    """Worker processes: one per CPU (a render is CPU-bound; waiting on SMTP and the database leaves
+    room for the rest of the machine), and no more than half the memory holds at PER_CHILD_KIB each (a
+    child may pass its limit during the task that replaces it)."""
+    by_cpu = cpus
     by_memory = memory_bytes // (2 * per_child_kib * 1024) if memory_bytes else by_cpu
     return max(min(by_cpu, by_memory), 1)
 
@@ -504,7 +505,7 @@ def _machine() -> tuple[int, int | None]:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--concurrency", "-c", type=click.IntRange(1), help="worker processes [default: CPUs - 1, one per 800 MB at most]")
+@click.option("--concurrency", "-c", type=click.IntRange(1), help="worker processes [default: one per CPU, one per 800 MB at most]")
 @click.option(
     "--max-tasks-per-child",
     type=click.IntRange(1),
@@ -517,7 +518,7 @@ def _machine() -> tuple[int, int | None]:
     type=click.IntRange(1),
     default=defaults.WORKER_MAX_MEMORY_PER_CHILD,
     show_default=True,
-    help="KiB; replace a process above it once its task ends",
+    help="KiB; replace a process that grew this much since it started, once its task ends",
 )
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int | None, max_tasks_per_child: int, max_memory_per_child: int) -> None:

@@ -121,7 +121,8 @@ WORKER_MAX_TASKS_PER_CHILD = 200
 """Tasks after which a worker process is replaced: hands back what WeasyPrint's and fontconfig's caches keep."""
 
 WORKER_MAX_MEMORY_PER_CHILD = 400_000
-"""KiB of resident memory after which a worker process is replaced once its task ends (a long PDF takes hundreds of MB)."""
+"""KiB a worker process may grow past its resident memory at start before it is replaced once its task ends (a long
+PDF takes hundreds of MB)."""
 
 BROKER_URL = "redis://127.0.0.1:6379/0"
 """Broker when REPORTER_BROKER_URL is unset and no `reporter run` is running in this folder (Celery's usual Redis)."""

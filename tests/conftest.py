@@ -321,12 +321,14 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start `celery -A reporter.celery_app worker` (prefork) as a subprocess; stopped afterwards."""
     workers: list[Worker] = []
 
-    def start(env: dict[str, str], concurrency: int = 2, name: str | None = None, ready_timeout: float = 60) -> Worker:
+    def start(env: dict[str, str], concurrency: int = 2, name: str | None = None, ready_timeout: float = 60, **options: int) -> Worker:
+        """OPTIONS: worker_command's (max_tasks_per_child, max_memory_per_child)."""
         name = name or f"w{len(workers) + 1}-{uuid.uuid4().hex[:4]}"
         log = tmp_path / f"{name}.log"
         from reporter.app import worker_command
 
-        cmd = worker_command(concurrency, name=f"{name}@%h", extra=["-P", "prefork", "--without-mingle", "--without-gossip"])
+        extra = ["-P", "prefork", "--without-mingle", "--without-gossip"]
+        cmd = worker_command(concurrency, name=f"{name}@%h", extra=extra, **options)
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         worker = Worker(proc, log, name)
