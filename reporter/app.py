@@ -105,6 +105,13 @@ def configure(app: App, config: Config, now: datetime | None = None) -> None:
     d = config.defaults
     app.conf.task_soft_time_limit = d.soft_time_limit
     app.conf.task_time_limit = d.time_limit
+    # A task copies these from the app's configuration when it is bound (Celery's Task.from_config),
+    # which `celery worker` does before the start-up checks run: the bound tasks get the YAML's too, or
+    # a send published without limits of its own would run under the built-in ones.
+    for name in defaults.TASKS:
+        task = app.tasks.get(name)
+        if task is not None:
+            task.soft_time_limit, task.time_limit = d.soft_time_limit, d.time_limit
     window = longest_eta(config, now or datetime.now(UTC))
     needed = int(window + d.time_limit)
     chosen = app.settings.visibility_timeout
@@ -187,8 +194,10 @@ def _wire_signals(app: App) -> None:
     """Connect APP's start-up checks and metrics endpoint to Celery's signals (for this app's processes only)."""
     metrics: list[Any] = []
 
-    def worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
+    def worker_init(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        # celeryd_init (instance=): before the worker reads its default time limits from the app, so the
+        # YAML's apply to every task; worker_init (sender=): for workers started without `celery worker`.
+        if getattr(instance or sender, "app", None) is app:
             start_checks(app, worker_config)
 
     def beat_init(sender: Any = None, **_: Any) -> None:
@@ -219,6 +228,7 @@ def _wire_signals(app: App) -> None:
             metrics.clear()
 
     handlers = (
+        (signals.celeryd_init, worker_init),
         (signals.worker_init, worker_init),
         (signals.beat_init, beat_init),
         (signals.worker_process_init, child_init),

@@ -87,6 +87,9 @@ TASK_SWEEP = "email_reports.sweep"
 BEAT_TASKS = (TASK_DISPATCH, TASK_PRUNE, TASK_SWEEP)
 """Tasks a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
 
+TASKS = (TASK_SEND, *BEAT_TASKS)
+"""Every task reporter registers."""
+
 DISPATCH_WINDOW = 3600
 """Seconds covered by a dispatcher called by hand when no beat entry names its cron."""
 

@@ -117,6 +117,14 @@ def test_configure_derives_the_visibility_timeout_from_the_dispatch_window(
     assert (app.conf.task_soft_time_limit, app.conf.task_time_limit) == (time_limit - 10, time_limit)
 
 
+def test_tasks_bound_before_the_start_up_checks_get_the_yamls_time_limits() -> None:
+    """`celery worker` binds the tasks (copying the app's time limits) before worker start-up applies schedules.yaml."""
+    app = app_for()
+    assert app.tasks[defaults.TASK_SEND].soft_time_limit == defaults.SOFT_TIME_LIMIT  # bound with the built-in ones
+    configure(app, config_with(None, time_limit=16), now=SLOT)
+    assert [(app.tasks[name].soft_time_limit, app.tasks[name].time_limit) for name in defaults.TASKS] == [(6, 16)] * 4
+
+
 def test_configure_refuses_a_visibility_timeout_the_window_outlasts() -> None:
     app = app_for(REPORTER_VISIBILITY_TIMEOUT="600")
     with pytest.raises(ConfigError, match=r"600s is too short: .* up to 3600s ahead .* Set it above 3630, or unset it to use 4230"):

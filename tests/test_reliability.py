@@ -405,7 +405,7 @@ def test_a_hanging_render_is_stopped_by_the_soft_limit_and_others_keep_flowing(
     for day in (5, 6, 7):
         app.send_task("email_reports.send", args=("fine", f"2026-01-0{day}T07:00:00Z"), queue="reporter.scheduled")
     ledger = Ledger.from_url(project.db_url)
-    wait_until(lambda: [r.status for r in ledger.rows(report="hangs")] == ["failed"], 60, "the hanging report to be failed")
+    wait_until(lambda: [r.status for r in ledger.rows(report="hangs")] == ["failed"], 60, "the hanging report to be failed", worker.output)
     [row] = ledger.rows(report="hangs")
     assert row.error and "soft time limit exceeded (3s)" in row.error, row.error
     wait_until(lambda: len(inbox.messages) == 3, 60, "the other report's three slots")
