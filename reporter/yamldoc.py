@@ -1,8 +1,8 @@
 """YAML text -> plain data and the line of every field, with bounded effort.
 
-At most MAX_NODES values, aliases and merge keys expanded, and MAX_DEPTH levels: a few hundred bytes
-of nested aliases (a "billion laughs") cannot take minutes and gigabytes, and a file under 1 MB is
-read in well under a second. Keys stay as written (YAML 1.1 would turn a report called `off:` into a
+At most MAX_VALUES values written in the file, at most MAX_NODES more from expanding aliases and
+merge keys, and MAX_DEPTH levels: a few hundred bytes of nested aliases (a "billion laughs") cannot
+take minutes and gigabytes, while a config of tens of thousands of reports, written out, still reads. Keys stay as written (YAML 1.1 would turn a report called `off:` into a
 boolean); a duplicate key is a problem, except where a key overrides one merged in with `<<`.
 """
 
@@ -17,8 +17,13 @@ from reporter.errors import ConfigError, Problem
 Path_ = tuple[str | int, ...]
 """Where a field is: keys and list indexes from the top of the document."""
 
+MAX_VALUES = 1_000_000
+"""Values (scalars, lists, mappings) a schedules.yaml may have written in it: about 40 MB of YAML,
+50,000 reports of 20 values each. Reading costs time in proportion to the file, so this only stops
+a file that is not a config at all."""
 MAX_NODES = 50_000
-"""Values (scalars, lists, mappings) a schedules.yaml may hold once aliases and merge keys are expanded."""
+"""Values that aliases and merge keys may add to those written: expansion is what can turn a few
+hundred bytes into gigabytes, so it has a budget of its own, independent of the file's size."""
 MAX_DEPTH = 50
 """How deeply lists and mappings may nest."""
 
@@ -38,6 +43,8 @@ class _LineLoader(yaml.SafeLoader):
 # libyaml (the C parser PyYAML wheels ship) reads a megabyte in well under a second; the pure-Python
 # parser takes many seconds. Both give the same nodes and tags, so use C where it exists.
 _FastLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_MERGE = "tag:yaml.org,2002:merge"
 
 _ALIAS_HINT = "write the values out, or use fewer aliases"
 
@@ -68,8 +75,8 @@ def _measure(text: str, file: str) -> None:
             line = event.start_mark.line + 1 if event.start_mark else None
             if isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.CollectionStartEvent)):
                 count += 1
-                if count > MAX_NODES:
-                    raise ConfigError([Problem(file, line, "", f"more than {MAX_NODES:,} values; is this the right file?")])
+                if count > MAX_VALUES:
+                    raise ConfigError([Problem(file, line, "", f"more than {MAX_VALUES:,} values; is this the right file?")])
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
@@ -103,8 +110,11 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem
     problems: list[Problem] = []
     broken: set[Path_] = set()
     constructor = _LineLoader("")
-    # Aliases make a tree out of a graph: count every value as it is expanded, and stop at MAX_NODES.
+    # Aliases make a tree out of a graph: count every value walked a second time (an alias's copy:
+    # everything under a node seen before was seen before too), and stop at MAX_NODES of them.
+    # Values walked once are bounded by MAX_VALUES already.
     budget = [MAX_NODES]
+    seen: set[int] = set()
     merged: dict[int, int] = {}
     written: dict[int, set[int]] = {}
 
@@ -115,7 +125,10 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem
         return path
 
     def walk(n: yaml.Node, path: Path_, depth: int) -> Any:
-        budget[0] -= 1
+        if id(n) in seen:
+            budget[0] -= 1
+        else:
+            seen.add(id(n))
         if budget[0] < 0:
             why = f"aliases expand this file to more than {MAX_NODES:,} values; {_ALIAS_HINT}"
             raise ConfigError([Problem(file, lines.get(key_of(path)), dotted(key_of(path)), why)])
@@ -125,11 +138,12 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem
             broken.add(path)
             return None
         if isinstance(n, yaml.MappingNode):
-            if _merged_size(n, merged, set()) > MAX_NODES:
+            # Only a mapping with a merge key of its own expands: a long one written out (reports:) is not checked.
+            if any(k.tag == _MERGE for k, _ in n.value) and _merged_size(n, merged, set()) > MAX_NODES:
                 why = f"merge keys (<<) expand to more than {MAX_NODES:,} values (or merge a mapping into itself); {_ALIAS_HINT}"
                 raise ConfigError([Problem(file, lines.get(key_of(path)), dotted(key_of(path)), why)])
             # The keys written in this mapping itself, before merging (flattening changes the node in place).
-            own = written.setdefault(id(n), {id(k) for k, _ in n.value if k.tag != "tag:yaml.org,2002:merge"})
+            own = written.setdefault(id(n), {id(k) for k, _ in n.value if k.tag != _MERGE})
             try:
                 constructor.flatten_mapping(n)
             except yaml.YAMLError as exc:
@@ -192,7 +206,7 @@ def _merged_size(node: yaml.MappingNode, memo: dict[int, int], open_: set[int]) 
     open_.add(id(node))
     size = 0
     for key_node, value_node in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
+        if key_node.tag == _MERGE:
             sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
             size += sum(_merged_size(m, memo, open_) for m in sources if isinstance(m, yaml.MappingNode))
         else:

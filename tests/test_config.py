@@ -10,6 +10,7 @@ import pytest
 
 from reporter.config import Config, load, normalize_address
 from reporter.errors import ConfigError, Problem
+from reporter.yamldoc import MAX_VALUES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -386,8 +387,8 @@ YAML_LIMITS = [
     ),
     (
         "too-many-values",
-        "x: [" + ", ".join(["1"] * 50_001) + "]\n" + BASE,
-        "schedules.yaml:1: more than 50,000 values; is this the right file?",
+        "x: [" + ", ".join(["1"] * MAX_VALUES) + "]\n" + BASE,
+        f"schedules.yaml:1: more than {MAX_VALUES:,} values; is this the right file?",
     ),
     (
         "nested-too-deeply",
@@ -408,6 +409,15 @@ def test_yaml_that_would_take_too_long_is_refused_naming_the_line(tmp_path: Path
     with pytest.raises(ConfigError) as info:
         load(path, {})
     assert [str(p).replace(str(path), "schedules.yaml") for p in info.value.problems] == [expected]
+
+
+def test_a_config_with_more_values_written_out_than_aliases_may_add_still_loads(tmp_path: Path) -> None:
+    # The alias budget (50,000) bounds expansion, not the file: 20,000 reports written out have more.
+    text = BASE + "    query:\n      datasource: db\n      sql: select 1\n      params: {many: [" + ", ".join(["1"] * 60_000) + "]}\n"
+    text = "datasources:\n  db:\n    url: sqlite://\n" + text
+    config = load(write_project(tmp_path, text), {})
+    assert config.reports["r1"].query is not None
+    assert len(config.reports["r1"].query.params["many"]) == 60_000
 
 
 def test_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
