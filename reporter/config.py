@@ -660,9 +660,10 @@ def normalize_address(address: str) -> str:
     return _normalized(address)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1 << 18)
 def _normalized(address: str) -> str:
-    # Cached: the same owners and recipients recur across reports, and a big config has thousands.
+    # Cached: the same owners and recipients recur across reports, and a big config has tens of
+    # thousands; the dispatcher and the workers then find every address of the loaded config here.
     # A bare ASCII address cannot hold a display name or a second address, so skip the header parser.
     found = [("", address)] if PLAIN_ADDRESS_RE.fullmatch(address) else getaddresses([address])
     if len([a for _, a in found if "@" in a]) > 1:

@@ -48,6 +48,7 @@ def enqueue_send(
     only: list[str] | None = None,
     trigger: str = "schedule",
     countdown: float | None = None,
+    producer: Any = None,
 ) -> Any:
     """Publish email_reports.send for DUE: scheduled sends wait for their slot (eta), others go now
     (or after COUNTDOWN seconds)."""
@@ -60,6 +61,7 @@ def enqueue_send(
         queue=queue,
         soft_time_limit=soft,
         time_limit=hard,
+        producer=producer,
         **timing,
     )
 
@@ -79,7 +81,9 @@ def schedule_hourly(
     else:
         found = dispatcher_cron(rt.config)
         end = next_fire(found[0], found[1], start) if found else start + timedelta(seconds=defaults.DISPATCH_WINDOW)
-    done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now, only=reports)
+    # One producer (one broker connection and channel) for every publish of this dispatch.
+    with app.producer_or_acquire() as producer:
+        done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due, producer=producer), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
 

@@ -2,8 +2,9 @@
 
 At most MAX_VALUES values written in the file, at most MAX_NODES more from expanding aliases and
 merge keys, and MAX_DEPTH levels: a few hundred bytes of nested aliases (a "billion laughs") cannot
-take minutes and gigabytes, while a config of tens of thousands of reports, written out, still reads. Keys stay as written (YAML 1.1 would turn a report called `off:` into a
-boolean); a duplicate key is a problem, except where a key overrides one merged in with `<<`.
+take minutes and gigabytes, while a config of tens of thousands of reports, written out, still reads.
+Keys stay as written (YAML 1.1 would turn a report called `off:` into a boolean); a duplicate key
+is a problem, except where a key overrides one merged in with `<<`.
 """
 
 from __future__ import annotations
