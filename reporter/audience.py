@@ -9,6 +9,7 @@ who receives that very message, and never a Bcc address.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -19,6 +20,7 @@ UNDISCLOSED = "undisclosed-recipients:;"
 """The To header of a message that goes only to Cc or Bcc readers (RFC 5322 empty group)."""
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def key_of(address: str) -> str:
     """The ledger key of an address: bare, normalised, lower case."""
     return parseaddr(normalize_address(address))[1].lower()

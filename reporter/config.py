@@ -655,13 +655,13 @@ def normalize_address(address: str) -> str:
     An internationalised domain comes back in its ASCII (IDNA) form, which every mail server and
     header accepts; only a non-ASCII local part keeps Unicode (and needs a server with SMTPUTF8).
     """
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in address):
-        raise ValueError(f"address {address!r} contains control characters")
     return _normalized(address)
 
 
 @functools.lru_cache(maxsize=1 << 18)
 def _normalized(address: str) -> str:
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in address):
+        raise ValueError(f"address {address!r} contains control characters")
     # Cached: the same owners and recipients recur across reports, and a big config has tens of
     # thousands; the dispatcher and the workers then find every address of the loaded config here.
     # A bare ASCII address cannot hold a display name or a second address, so skip the header parser.

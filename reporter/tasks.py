@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from datetime import UTC, datetime, timedelta
@@ -81,8 +82,11 @@ def schedule_hourly(
     else:
         found = dispatcher_cron(rt.config)
         end = next_fire(found[0], found[1], start) if found else start + timedelta(seconds=defaults.DISPATCH_WINDOW)
-    # One producer (one broker connection and channel) for every publish of this dispatch.
-    with app.producer_or_acquire() as producer:
+    # One producer (one broker connection) for every publish of this dispatch, and on Redis one pipeline
+    # per 1,000 messages instead of a round trip each (kombu >= 5.7; others publish one by one).
+    # Every row is in the ledger before the first publish, so a batch lost to a broker error is found
+    # queued past the watermark by the next dispatch and enqueued again.
+    with app.producer_or_acquire() as producer, getattr(producer, "batch", contextlib.nullcontext)():
         done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due, producer=producer), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
