@@ -240,3 +240,17 @@ def test_yaml_level_mistakes_do_not_hide_the_rest(tmp_path: Path) -> None:
         "schedules.yaml:13: reports.r2.recipients[0]: 'nobody' is not an email address",
         f"schedules.yaml:14: reports.r2.function: cannot import module {module}: No module named '{module}'",
     ]
+
+
+def test_loading_and_checking_a_config_does_not_import_weasyprint(tmp_path: Path) -> None:
+    """WeasyPrint takes seconds to import: only a PDF render needs it, not validate, beat or a config load."""
+    import subprocess
+    import sys
+
+    path = write_project(tmp_path, BASE)
+    code = (
+        "import sys; from pathlib import Path; from reporter.checks import load_checked; import reporter.cli, reporter.render; "
+        f"load_checked(Path({str(path)!r}), {{}}, Path({str(path.parent / 'templates')!r})); print('weasyprint' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reporter.config import Config, load, normalize_address
 from reporter.errors import ConfigError, Problem
@@ -498,6 +500,56 @@ def test_header_injection_and_non_addresses_stay_refused(written: str, message: 
     with pytest.raises(ValueError) as info:
         normalize_address(written)
     assert str(info.value) == message
+
+
+_LABELS = st.one_of(
+    st.text(alphabet="aZ09-", min_size=0, max_size=70),
+    st.sampled_from(["xn--bcher-kva", "ab--cd", "localhost", "local", "test", "123", "Example", "co"]),
+)
+_LOCALS = st.one_of(
+    st.text(alphabet="aZ09._%+-!#'", min_size=0, max_size=70),
+    st.sampled_from(["postmaster", "PostMaster", "Info", "sales", "a..b", ".a", "a."]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(local=_LOCALS, labels=st.lists(_LABELS, min_size=1, max_size=6))
+def test_the_fast_path_for_plain_addresses_agrees_with_email_validator(local: str, labels: list[str]) -> None:
+    """Where the ASCII fast path answers, email-validator accepts the address and normalises it the same."""
+    from email_validator import validate_email
+
+    from reporter.config import _fast_address
+
+    address = f"{local}@{'.'.join(labels)}"
+    fast = _fast_address(address)
+    if fast is not None:
+        valid = validate_email(
+            address, check_deliverability=False, globally_deliverable=False, allow_quoted_local=True, allow_domain_literal=True
+        )
+        assert fast == valid.ascii_email
+
+
+@pytest.mark.parametrize(
+    ("written", "normalised"),
+    [
+        ("Ann.Lee+x@Mail.Example.COM", "Ann.Lee+x@mail.example.com"),
+        ("ops_1%a@corp-2.local", "ops_1%a@corp-2.local"),
+        ("r@localhost", "r@localhost"),
+    ],
+)
+def test_common_addresses_take_the_fast_path(written: str, normalised: str) -> None:
+    from reporter.config import _fast_address
+
+    assert _fast_address(written) == normalised == normalize_address(written)
+
+
+@pytest.mark.parametrize(
+    "written", ["PostMaster@example.com", "a@xn--bcher-kva.example", "a@ab--cd.example", "a..b@example.com", "x" * 65 + "@example.com"]
+)
+def test_addresses_the_library_treats_specially_leave_the_fast_path(written: str) -> None:
+    from reporter.config import _fast_address
+
+    assert _fast_address(written) is None
 
 
 def test_special_use_domains_load_from_the_config(tmp_path: Path) -> None:
