@@ -96,6 +96,121 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem
     A duplicate key, a bad tag or merge key is a problem but the rest is still read, so the checks
     after it see everything else; a file too big, too deep or not YAML at all raises ConfigError.
     """
+    plain = _read_plain(text, file)
+    if plain is not None:
+        return plain
+    return _read_nodes(text, file)
+
+
+_Frame = list[Any]
+"""[the dict or list being filled, its path, the key path waiting for its value (None: waiting for a key)]."""
+
+_RESOLVERS: dict[str | None, list[tuple[str, Any]]] = _LineLoader.yaml_implicit_resolvers
+_STR = "tag:yaml.org,2002:str"
+_UNSURE = (_MERGE, "tag:yaml.org,2002:value")
+
+
+def _read_plain(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem], set[Path_]] | None:
+    """What `_read_nodes` returns, in one pass over the C parser's events, for a document written
+    plainly; None for one that is not: anchors, aliases, tags, merge keys, duplicate keys, keys that
+    are not plain values, several documents or a value its tag cannot be made from.
+
+    `_read_nodes` builds PyYAML's node tree, resolves every scalar's tag through PyYAML's Python
+    resolver and walks the tree again: about 1 ms per report of a large config. A config is almost
+    always written plainly, and then the events say everything: every value is a string unless the
+    resolver's first-character table says it may be something else (a number, true, null, a date).
+    The limits are checked on the same events, in the same order, with the same messages as
+    `_measure`; anything unusual is left to `_read_nodes`, which says what is wrong with it.
+    """
+    if None in _RESOLVERS:
+        return None  # a resolver for every first character: not PyYAML's default, so not this shortcut
+    loader = _FastLoader(text)
+    lines: dict[Path_, int] = {}
+    stack: list[_Frame] = []
+    root: Any = None
+    count = depth = documents = 0
+    constructor: Any = None
+    scalar_event, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
+    ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
+    resolvers = _RESOLVERS
+    try:
+        get = loader.get_event
+        while True:
+            event = get()
+            kind = type(event)
+            if kind is scalar_event or kind is mapping_start or kind is sequence_start:
+                line = event.start_mark.line + 1
+                count += 1
+                if count > MAX_VALUES:
+                    raise ConfigError([Problem(file, line, "", f"more than {MAX_VALUES:,} values; is this the right file?")])
+                if event.anchor is not None or event.tag is not None:
+                    return None
+                frame = stack[-1] if stack else None
+                if kind is scalar_event:
+                    value = event.value
+                    if frame is not None and frame[2] is None and type(frame[0]) is dict:
+                        # A key, kept as written (never resolved: a report called `off:` stays 'off').
+                        if value in frame[0] or (value == "<<" and event.implicit[0]):
+                            return None
+                        path = (*frame[1], value)
+                        lines[path] = line
+                        frame[2] = path
+                        continue
+                    if event.implicit[0] and (found := resolvers.get(value[:1])):
+                        tag = next((t for t, regexp in found if regexp.match(value)), _STR)
+                        if tag != _STR:
+                            if tag in _UNSURE:
+                                return None
+                            constructor = constructor or _LineLoader("")
+                            try:
+                                value = constructor.construct_object(
+                                    yaml.ScalarNode(tag, value, event.start_mark, event.end_mark), deep=True
+                                )
+                            except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+                                return None
+                    child: Any = value
+                else:
+                    depth += 1
+                    if depth > MAX_DEPTH:
+                        raise ConfigError([Problem(file, line, "", f"lists and mappings nested more than {MAX_DEPTH} levels deep")])
+                    if frame is not None and frame[2] is None and type(frame[0]) is dict:
+                        return None  # a list or mapping as a key
+                    child = {} if kind is mapping_start else []
+                # Put the value where it belongs, and note its line as _read_nodes does.
+                if frame is None:
+                    root = child
+                    path = ()
+                    lines[path] = line
+                elif type(frame[0]) is dict:
+                    path = frame[2]
+                    frame[0][path[-1]] = child
+                    frame[2] = None
+                else:
+                    path = (*frame[1], len(frame[0]))
+                    lines[path] = line
+                    frame[0].append(child)
+                if kind is not scalar_event:
+                    stack.append([child, path, None])
+            elif kind in ends:
+                depth -= 1
+                stack.pop()
+            elif kind is yaml.AliasEvent:
+                return None
+            elif kind is yaml.DocumentStartEvent:
+                documents += 1
+                if documents > 1:
+                    return None  # get_single_node refuses a second document: _read_nodes says so
+            elif kind is yaml.StreamEndEvent:
+                break
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file, text) from None
+    finally:
+        loader.dispose()
+    return root, lines, [], set()
+
+
+def _read_nodes(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem], set[Path_]]:
+    """`read_yaml` for any document: through PyYAML's node tree, which has anchors, aliases and tags resolved."""
     lines: dict[Path_, int] = {}
     _measure(text, file)
     try:
