@@ -46,6 +46,8 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
 LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 HOST_RE = re.compile(rf"^(?:\*\.)?{LABEL}(?:\.{LABEL})*$")
 PLAIN_ADDRESS_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+")
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 and C1 control characters and the Unicode line and paragraph separators: never in an address."""
 _ATOM = r"[A-Za-z0-9_%+-]+"
 _FAST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 FAST_ADDRESS_RE = re.compile(rf"({_ATOM}(?:\.{_ATOM})*)@({_FAST_LABEL}(?:\.{_FAST_LABEL})*)")
@@ -502,7 +504,9 @@ def draft(text: str, file: str, environ: Mapping[str, str], templates_dir: Path,
         line = lines.get((), 1) if data is not None else None
         problem = Problem(file, line, "", f"the document is {kind}; expected a mapping with at least 'reports:'")
         return Draft(file, templates_dir, None, lines, [*problems, problem], None, templates)
-    data = _expand(data, (), environ, file, lines, problems)
+    # A string holds a '$' only if the text has one, or a backslash escape ("\x24") makes one.
+    if "$" in text or "\\" in text:
+        data = _expand(data, (), environ, file, lines, problems)
 
     def line_of(loc: Path_) -> int | None:
         while loc and loc not in lines:
@@ -665,7 +669,7 @@ def normalize_address(address: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 18)
 def _normalized(address: str) -> str:
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in address):
+    if CONTROL_RE.search(address):
         raise ValueError(f"address {address!r} contains control characters")
     # Cached: the same owners and recipients recur across reports, and a big config has tens of
     # thousands; the dispatcher and the workers then find every address of the loaded config here.
