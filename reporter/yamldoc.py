@@ -102,12 +102,23 @@ def read_yaml(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem
     return _read_nodes(text, file)
 
 
-_Frame = list[Any]
-"""[the dict or list being filled, its path, the key path waiting for its value (None: waiting for a key)]."""
-
 _RESOLVERS: dict[str | None, list[tuple[str, Any]]] = _LineLoader.yaml_implicit_resolvers
-_STR = "tag:yaml.org,2002:str"
 _UNSURE = (_MERGE, "tag:yaml.org,2002:value")
+_NO_VALUE: Any = object()
+"""What _resolved returns for a value the one pass leaves to _read_nodes."""
+
+
+def _resolved(value: str, event: Any, constructor: Any) -> Any:
+    """The value of plain scalar VALUE (str if no implicit resolver matches), as _read_nodes makes it."""
+    for tag, regexp in _RESOLVERS.get(value[:1], ()):
+        if regexp.match(value):
+            if tag in _UNSURE:
+                return _NO_VALUE
+            try:
+                return constructor.construct_object(yaml.ScalarNode(tag, value, event.start_mark, event.end_mark), deep=True)
+            except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
+                return _NO_VALUE  # a date that does not exist, say: _read_nodes says so
+    return value
 
 
 def _read_plain(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Problem], set[Path_]] | None:
@@ -125,11 +136,17 @@ def _read_plain(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Probl
     if None in _RESOLVERS:
         return None  # a resolver for every first character: not PyYAML's default, so not this shortcut
     loader = _FastLoader(text)
+    constructor = _LineLoader("")
     lines: dict[Path_, int] = {}
-    stack: list[_Frame] = []
+    # The collection being filled (None: the document's top), whether it is a mapping, its path, the
+    # key waiting for its value (None: a key comes next); the enclosing ones' are on the stack.
+    stack: list[tuple[Any, bool, Path_, Any]] = []
+    container: Any = None
+    is_map = False
+    path: Path_ = ()
+    key: Any = None
     root: Any = None
     count = depth = documents = 0
-    constructor: Any = None
     scalar_event, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
     ends = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
     resolvers = _RESOLVERS
@@ -139,61 +156,58 @@ def _read_plain(text: str, file: str) -> tuple[Any, dict[Path_, int], list[Probl
             event = get()
             kind = type(event)
             if kind is scalar_event or kind is mapping_start or kind is sequence_start:
-                line = event.start_mark.line + 1
                 count += 1
                 if count > MAX_VALUES:
+                    line = event.start_mark.line + 1
                     raise ConfigError([Problem(file, line, "", f"more than {MAX_VALUES:,} values; is this the right file?")])
                 if event.anchor is not None or event.tag is not None:
                     return None
-                frame = stack[-1] if stack else None
                 if kind is scalar_event:
                     value = event.value
-                    if frame is not None and frame[2] is None and type(frame[0]) is dict:
+                    if is_map and key is None:
                         # A key, kept as written (never resolved: a report called `off:` stays 'off').
-                        if value in frame[0] or (value == "<<" and event.implicit[0]):
+                        if value in container or (value == "<<" and event.implicit[0]):
                             return None
-                        path = (*frame[1], value)
-                        lines[path] = line
-                        frame[2] = path
+                        key = value
+                        lines[(*path, value)] = event.start_mark.line + 1
                         continue
-                    if event.implicit[0] and (found := resolvers.get(value[:1])):
-                        tag = next((t for t, regexp in found if regexp.match(value)), _STR)
-                        if tag != _STR:
-                            if tag in _UNSURE:
-                                return None
-                            constructor = constructor or _LineLoader("")
-                            try:
-                                value = constructor.construct_object(
-                                    yaml.ScalarNode(tag, value, event.start_mark, event.end_mark), deep=True
-                                )
-                            except (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError):
-                                return None
-                    child: Any = value
+                    if event.implicit[0] and value[:1] in resolvers:
+                        value = _resolved(value, event, constructor)
+                        if value is _NO_VALUE:
+                            return None
+                    if is_map:
+                        container[key] = value
+                        key = None
+                    elif container is not None:
+                        lines[(*path, len(container))] = event.start_mark.line + 1
+                        container.append(value)
+                    else:
+                        root = value
+                        lines[()] = event.start_mark.line + 1
+                    continue
+                depth += 1
+                if depth > MAX_DEPTH:
+                    line = event.start_mark.line + 1
+                    raise ConfigError([Problem(file, line, "", f"lists and mappings nested more than {MAX_DEPTH} levels deep")])
+                if is_map and key is None:
+                    return None  # a list or mapping as a key
+                child: Any = {} if kind is mapping_start else []
+                if is_map:
+                    container[key] = child
+                    inner = (*path, key)
+                elif container is not None:
+                    inner = (*path, len(container))
+                    lines[inner] = event.start_mark.line + 1
+                    container.append(child)
                 else:
-                    depth += 1
-                    if depth > MAX_DEPTH:
-                        raise ConfigError([Problem(file, line, "", f"lists and mappings nested more than {MAX_DEPTH} levels deep")])
-                    if frame is not None and frame[2] is None and type(frame[0]) is dict:
-                        return None  # a list or mapping as a key
-                    child = {} if kind is mapping_start else []
-                # Put the value where it belongs, and note its line as _read_nodes does.
-                if frame is None:
                     root = child
-                    path = ()
-                    lines[path] = line
-                elif type(frame[0]) is dict:
-                    path = frame[2]
-                    frame[0][path[-1]] = child
-                    frame[2] = None
-                else:
-                    path = (*frame[1], len(frame[0]))
-                    lines[path] = line
-                    frame[0].append(child)
-                if kind is not scalar_event:
-                    stack.append([child, path, None])
+                    inner = ()
+                    lines[()] = event.start_mark.line + 1
+                stack.append((container, is_map, path, None))
+                container, is_map, path, key = child, kind is mapping_start, inner, None
             elif kind in ends:
                 depth -= 1
-                stack.pop()
+                container, is_map, path, key = stack.pop()
             elif kind is yaml.AliasEvent:
                 return None
             elif kind is yaml.DocumentStartEvent:
