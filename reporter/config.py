@@ -46,6 +46,8 @@ VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\$")
 LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 HOST_RE = re.compile(rf"^(?:\*\.)?{LABEL}(?:\.{LABEL})*$")
 PLAIN_ADDRESS_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+")
+NAMED_ADDRESS_RE = re.compile(r"([A-Za-z0-9]+(?: [A-Za-z0-9]+)*) <([A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+)>")
+"""'Ann Lee <ann@example.com>': a name of plain words, one space apart, which the header parser returns as written."""
 CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """C0 and C1 control characters and the Unicode line and paragraph separators: never in an address."""
 _ATOM = r"[A-Za-z0-9_%+-]+"
@@ -673,8 +675,14 @@ def _normalized(address: str) -> str:
         raise ValueError(f"address {address!r} contains control characters")
     # Cached: the same owners and recipients recur across reports, and a big config has tens of
     # thousands; the dispatcher and the workers then find every address of the loaded config here.
-    # A bare ASCII address cannot hold a display name or a second address, so skip the header parser.
-    found = [("", address)] if PLAIN_ADDRESS_RE.fullmatch(address) else getaddresses([address])
+    # A bare ASCII address cannot hold a display name or a second address, and a name of plain words
+    # before one in <> comes back from the header parser as written: skip the parser for both.
+    if PLAIN_ADDRESS_RE.fullmatch(address):
+        found = [("", address)]
+    elif named := NAMED_ADDRESS_RE.fullmatch(address):
+        found = [(named.group(1), named.group(2))]
+    else:
+        found = getaddresses([address])
     if len([a for _, a in found if "@" in a]) > 1:
         raise ValueError(f"{address!r} holds several addresses; list each one on its own")
     name, addr = found[0] if len(found) == 1 else ("", "")

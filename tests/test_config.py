@@ -529,6 +529,28 @@ def test_the_fast_path_for_plain_addresses_agrees_with_email_validator(local: st
         assert fast == valid.ascii_email
 
 
+@settings(max_examples=1000, deadline=None)
+@given(
+    name=st.one_of(
+        st.text(alphabet='aZ0 .,"<>@()', max_size=12),
+        st.lists(st.tuples(st.text(alphabet="aZ0.,", min_size=1, max_size=4), st.sampled_from([" ", "  ", ""])), max_size=4).map(
+            lambda words: "".join(w + sep for w, sep in words).strip()
+        ),
+    ),
+    address=st.one_of(st.text(alphabet="aZ0.@<>-_ ", max_size=14), st.sampled_from(["ann@example.com", "a.b@x", "x@y@z", "<a@b>"])),
+    space=st.sampled_from([" ", "", "  "]),
+)
+def test_the_named_address_shortcut_agrees_with_the_header_parser(name: str, address: str, space: str) -> None:
+    from email.utils import getaddresses
+
+    from reporter.config import NAMED_ADDRESS_RE
+
+    written = f"{name}{space}<{address}>"
+    found = NAMED_ADDRESS_RE.fullmatch(written)
+    if found is not None:
+        assert getaddresses([written]) == [(found.group(1), found.group(2))]
+
+
 @pytest.mark.parametrize(
     ("written", "normalised"),
     [
@@ -538,9 +560,11 @@ def test_the_fast_path_for_plain_addresses_agrees_with_email_validator(local: st
     ],
 )
 def test_common_addresses_take_the_fast_path(written: str, normalised: str) -> None:
-    from reporter.config import _fast_address
+    from reporter.config import NAMED_ADDRESS_RE, _fast_address
 
     assert _fast_address(written) == normalised == normalize_address(written)
+    named = f"Ann Lee 2 <{written}>"
+    assert NAMED_ADDRESS_RE.fullmatch(named) and normalize_address(named) == f"Ann Lee 2 <{normalised}>"
 
 
 @pytest.mark.parametrize(
