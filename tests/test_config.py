@@ -601,3 +601,27 @@ def test_merge_keys_are_overridden_by_keys_written_beside_them(tmp_path: Path) -
     assert [str(p) for p in info.value.problems] == [
         f"{path}:11: reports.r2.subject: duplicate key (first defined on line 9); YAML would silently keep only the last"
     ]
+
+
+def test_reading_a_config_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    from reporter.config import _no_cycle_collection
+
+    path = write_project(tmp_path, BASE)
+    assert gc.isenabled()
+    load(path, {})
+    assert gc.isenabled()
+    with pytest.raises(ConfigError):
+        load(write_project(tmp_path / "bad", "reports: [\n"), {})
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _no_cycle_collection():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load(path, {})
+        assert not gc.isenabled()  # not switched on behind the back of a program that turned it off
+    finally:
+        gc.enable()
