@@ -76,7 +76,11 @@ def create_app(settings: Settings) -> App:
         task_default_queue=defaults.QUEUE_SCHEDULED,
         task_soft_time_limit=defaults.SOFT_TIME_LIMIT,
         task_time_limit=defaults.TIME_LIMIT,
-        task_send_sent_event=True,
+        # No task-sent event: it cost a second broker publish for every task the dispatcher enqueues
+        # (10,000 slots, 20,000 publishes). Workers' events (received, started, succeeded...) still carry
+        # each task's name, arguments and result to Flower; only a task no worker has received yet is
+        # not shown as SENT there. `reporter status` reads the ledger, not events.
+        task_send_sent_event=False,
         worker_send_task_events=True,
         beat_scheduler="reporter.beat:Scheduler",
         beat_max_loop_interval=10,

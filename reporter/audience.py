@@ -9,6 +9,7 @@ who receives that very message, and never a Bcc address.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
@@ -19,6 +20,7 @@ UNDISCLOSED = "undisclosed-recipients:;"
 """The To header of a message that goes only to Cc or Bcc readers (RFC 5322 empty group)."""
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def key_of(address: str) -> str:
     """The ledger key of an address: bare, normalised, lower case."""
     return parseaddr(normalize_address(address))[1].lower()
@@ -62,6 +64,23 @@ def audience(report: Report, only: Sequence[str] | None = None) -> Audience:
     cc = {k: v for k, v in full.cc.items() if k in wanted}
     bcc = {k: v for k, v in full.bcc.items() if k in wanted}
     return Audience(_keyed([a for a in only if key_of(a) not in cc and key_of(a) not in bcc], set()), cc, bcc)
+
+
+_KEYS: dict[int, tuple[Report, tuple[str, ...]]] = {}
+"""id(report) -> (report, its audience's keys). Reports are immutable, so the keys never change."""
+
+
+def keys_of(report: Report) -> tuple[str, ...]:
+    """`audience(report).keys()`, worked out once per Report object: a dispatcher with thousands of
+    reports does not validate and normalise every address again on every dispatch."""
+    found = _KEYS.get(id(report))
+    if found is not None and found[0] is report:  # the same object, not one that reuses a dead one's id
+        return found[1]
+    if len(_KEYS) >= 100_000:
+        _KEYS.clear()  # configs replaced by live reloads leave their reports behind
+    keys = tuple(audience(report).keys())
+    _KEYS[id(report)] = (report, keys)
+    return keys
 
 
 @dataclass(frozen=True)

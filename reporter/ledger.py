@@ -11,7 +11,7 @@ import functools
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,6 +188,15 @@ def _held_update(*columns: str) -> Any:
     return deliveries.update().where(where).values(values)
 
 
+BATCH = 500
+"""Names per IN (...) list: well under every database's limit on bound parameters (SQLite's is 32,766)."""
+
+
+def _batches(names: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(names), BATCH):
+        yield names[i : i + BATCH]
+
+
 SQLITE_WAIT = 30.0
 """Seconds a SQLite connection waits for another process's lock before it fails."""
 
@@ -270,6 +279,11 @@ class Ledger:
 
     def ensure(self, report: str, slot: datetime, recipients: Iterable[str], trigger: str = "schedule") -> int:
         """Insert a queued row for each recipient that has none; return how many were new."""
+        return self.ensure_many([(report, slot, recipients)], trigger)
+
+    def ensure_many(self, wanted: Iterable[tuple[str, datetime, Iterable[str]]], trigger: str = "schedule") -> int:
+        """Insert a queued row for each (report, slot, recipient) of WANTED that has none, in one
+        transaction of batched statements; return how many were new. Existing rows are left alone."""
         stamp = now()
         values = [
             {
@@ -282,6 +296,7 @@ class Ledger:
                 "created_at": stamp,
                 "updated_at": stamp,
             }
+            for report, slot, recipients in wanted
             for r in dict.fromkeys(recipients)
         ]
         if not values:
@@ -290,21 +305,26 @@ class Ledger:
             stmt = self._insert_ignore()
             if self.engine.dialect.name in ("postgresql", "sqlite"):
                 # rowcount of a batch insert is -1 on psycopg; count the rows actually inserted.
+                # SQLAlchemy sends many rows per INSERT ("insertmanyvalues"), not one statement per row.
                 return len(conn.execute(stmt.returning(deliveries.c.id), values).all())
             result = conn.execute(stmt, values)
             return max(result.rowcount or 0, 0)
 
     def _insert_ignore(self) -> Any:
+        return self._insert_ignore_into(deliveries)
+
+    def _insert_ignore_into(self, table: sa.Table) -> Any:
+        """INSERT into TABLE that skips rows whose key exists (the database's own ON CONFLICT DO NOTHING)."""
         dialect = self.engine.dialect.name
         if dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-            return pg_insert(deliveries).on_conflict_do_nothing(constraint="uq_delivery_key")
+            return pg_insert(table).on_conflict_do_nothing()
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-            return sqlite_insert(deliveries).on_conflict_do_nothing()
-        return deliveries.insert().prefix_with("IGNORE")  # MySQL/MariaDB
+            return sqlite_insert(table).on_conflict_do_nothing()
+        return table.insert().prefix_with("IGNORE")  # MySQL/MariaDB
 
     def claim(
         self,
@@ -485,6 +505,27 @@ class Ledger:
                 except IntegrityError:
                     pass  # a concurrent dispatcher inserted it; it is at least as far as ours
 
+    def advance_marks(self, reports: Sequence[str], until: datetime) -> None:
+        """`advance_mark` for every one of REPORTS, in one transaction: one UPDATE per batch of names
+        and one batched INSERT for the reports that have no watermark yet."""
+        names = list(dict.fromkeys(reports))
+        if not names:
+            return
+        if self.engine.dialect.name not in ("postgresql", "sqlite"):
+            for name in names:
+                self.advance_mark(name, until)
+            return
+        with self.engine.begin() as conn:
+            for batch in _batches(names):
+                conn.execute(marks.update().where(marks.c.report.in_(batch) & (marks.c.covered_until < until)).values(covered_until=until))
+            have: set[str] = set()
+            for batch in _batches(names):
+                have.update(conn.execute(sa.select(marks.c.report).where(marks.c.report.in_(batch))).scalars())
+            missing = [{"report": n, "covered_until": until} for n in names if n not in have]
+            if missing:
+                # A concurrent dispatcher may insert the same report first; its mark is at least as far.
+                conn.execute(self._insert_ignore_into(marks), missing)
+
     def remember_config(self, version: str, source: str) -> None:
         """Note that configuration VERSION (content SOURCE) was loaded from its file now."""
         stamp = now()
@@ -557,6 +598,21 @@ class Ledger:
         with self.engine.connect() as conn:
             for slot, status in conn.execute(query):
                 out.setdefault(slot, set()).add(status)
+        return out
+
+    def slot_statuses(self, reports: Sequence[str], start: datetime, end: datetime) -> dict[tuple[str, datetime], set[str]]:
+        """For each (report, slot) of REPORTS with a slot in [START, END) that has rows: the statuses
+        present. One query per batch of names, each answered from the (report, slot, recipient) index."""
+        out: dict[tuple[str, datetime], set[str]] = {}
+        with self.engine.connect() as conn:
+            for batch in _batches(list(dict.fromkeys(reports))):
+                query = (
+                    sa.select(deliveries.c.report, deliveries.c.slot, deliveries.c.status)
+                    .distinct()
+                    .where(deliveries.c.report.in_(batch) & (deliveries.c.slot >= start) & (deliveries.c.slot < end))
+                )
+                for report, slot, status in conn.execute(query):
+                    out.setdefault((report, slot), set()).add(status)
         return out
 
     def dispose(self) -> None:

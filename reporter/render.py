@@ -30,7 +30,6 @@ from reporter.charts import RenderedChart
 from reporter.config import Config, Report, template_key
 from reporter.data import Datasources, Table
 from reporter.errors import INTERRUPTS, RenderError
-from reporter.fetch import ResourceFetcher
 from reporter.sheets import XLSX_MIME, to_csv, to_xlsx
 from reporter.summary import Footer, footer, summarise, text_table
 
@@ -286,7 +285,11 @@ class Renderer:
 
     def pdf(self, html: str) -> bytes:
         """HTML -> PDF with 'Page N of M' footers; ResourceFetcher decides what it may load."""
-        import weasyprint  # heavy; imported on first PDF, not by `reporter validate`
+        # Both import WeasyPrint (about 2 s): on the first PDF, not in `reporter validate`, beat or a
+        # config load (checks.py imports this module for TemplateCheck).
+        import weasyprint
+
+        from reporter.fetch import ResourceFetcher
 
         fetcher = ResourceFetcher(self.config.templates_dir, self.config.defaults.pdf_allowed_hosts)
         try:

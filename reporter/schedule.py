@@ -196,6 +196,35 @@ def slots_between(expr: str, zone: tzinfo, start: datetime, end: datetime) -> li
     return slots
 
 
+_QUIET: dict[tuple[str, tzinfo], tuple[datetime, datetime]] = {}
+"""(cron, zone) -> (FROM, FIRE): the cron does not fire in [FROM, FIRE), and fires at FIRE."""
+
+_QUIET_MAX = 100_000
+"""Entries kept at most (one per distinct cron and zone in use; a config has far fewer)."""
+
+
+def slots_in(expr: str, zone: tzinfo, start: datetime, end: datetime) -> list[datetime]:
+    """`slots_between`, remembering each (cron, zone)'s next fire: a dispatcher that asks about the
+    same yearly or daily cron every minute computes its next fire once, not on every dispatch.
+
+    Fire times are a pure function of (cron, zone), so the memo never goes stale: an edited config
+    with another cron or zone asks under another key.
+    """
+    key = (expr, zone)
+    quiet = _QUIET.get(key)
+    if quiet is not None and quiet[0] <= start and end <= quiet[1]:
+        return []
+    slots = slots_between(expr, zone, start, end)
+    if len(_QUIET) >= _QUIET_MAX:
+        _QUIET.clear()
+    if slots:
+        _QUIET[key] = (start, slots[0])
+    else:
+        # The first fire at or after END (next_fire is strictly after its argument).
+        _QUIET[key] = (start, next_fire(expr, zone, end - timedelta(microseconds=1)))
+    return slots
+
+
 def window(expr: str, zone: tzinfo, fired_at: datetime) -> tuple[datetime, datetime]:
     """The window a dispatcher fired at FIRED_AT covers: up to its own next fire time."""
     return fired_at, next_fire(expr, zone, fired_at)

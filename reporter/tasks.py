@@ -7,6 +7,7 @@ The policies the tasks apply (backoff, the sweep's give-up, the busy re-check) a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -76,6 +77,7 @@ def enqueue_send(
     only: list[str] | None = None,
     trigger: str = "schedule",
     countdown: float | None = None,
+    producer: Any = None,
 ) -> Any:
     """Publish email_reports.send for DUE: scheduled sends wait for their slot (eta), others go now
     (or after COUNTDOWN seconds)."""
@@ -88,6 +90,7 @@ def enqueue_send(
         queue=queue,
         soft_time_limit=soft,
         time_limit=hard,
+        producer=producer,
         **timing,
     )
 
@@ -103,7 +106,12 @@ def schedule_hourly(
     now = datetime.now(UTC)
     start = parse_instant(scheduled_for, UTC) if scheduled_for else now
     end = parse_instant(window_end, UTC) if window_end else dispatch_window(rt.config, start)[1]
-    done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due), start, end, now, only=reports)
+    # One producer (one broker connection) for every publish of this dispatch, and on Redis one pipeline
+    # per 1,000 messages instead of a round trip each (kombu >= 5.7; others publish one by one).
+    # Every row is in the ledger before the first publish, so a batch lost to a broker error is found
+    # queued past the watermark by the next dispatch and enqueued again.
+    with schedule_hourly.app.producer_or_acquire() as producer, getattr(producer, "batch", contextlib.nullcontext)():
+        done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due, producer=producer), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))
     return {"window": [isoformat(start), isoformat(end)], "enqueued": len(done), "caught_up": sum(d.catch_up for d in done)}
 

@@ -8,6 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reporter.checks import Reach, connect_problems, load_checked
 from reporter.config import Config, load
@@ -240,3 +242,53 @@ def test_yaml_level_mistakes_do_not_hide_the_rest(tmp_path: Path) -> None:
         "schedules.yaml:13: reports.r2.recipients[0]: 'nobody' is not an email address",
         f"schedules.yaml:14: reports.r2.function: cannot import module {module}: No module named '{module}'",
     ]
+
+
+def test_loading_and_checking_a_config_does_not_import_weasyprint(tmp_path: Path) -> None:
+    """WeasyPrint takes seconds to import: only a PDF render needs it, not validate, beat or a config load."""
+    import subprocess
+    import sys
+
+    path = write_project(tmp_path, BASE)
+    code = (
+        "import sys; from pathlib import Path; from reporter.checks import load_checked; import reporter.cli, reporter.render; "
+        f"load_checked(Path({str(path)!r}), {{}}, Path({str(path.parent / 'templates')!r})); print('weasyprint' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+_SUBJECT_PIECES = st.lists(
+    st.one_of(
+        st.text(alphabet="ab %'\"-.|()#\\\n", max_size=6),
+        st.sampled_from(["{{", "}}", "{{ x }}", "{{ slot.strftime('%d %B') }}", "{{ a|upper }}", "{{ 1 + }}", "{{ 'a' ~ b }}", "{%", "{#"]),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(pieces=_SUBJECT_PIECES)
+def test_a_subject_parses_exactly_when_its_shape_does(pieces: list[str]) -> None:
+    """Subjects are checked once per shape (text between tags replaced): that must not change the verdict."""
+    from reporter.checks import template_shape
+    from reporter.render import TemplateCheck
+
+    subject = "".join(pieces)
+    shape = template_shape(subject)
+    if shape is not None:
+        check = TemplateCheck(Path("."), {})
+        assert (check.string(subject) is None) == (check.string(shape) is None)
+
+
+def test_subjects_of_one_shape_are_parsed_once_and_a_bad_one_keeps_its_message(tmp_path: Path) -> None:
+    from reporter.checks import template_shape
+
+    assert template_shape("Sales 1 {{ slot.date() }}") == template_shape("Sales 2 {{ slot.date() }}") == "x{{ slot.date() }}"
+    assert template_shape("{% if x %}a{% endif %}") is None
+    one = BASE.replace("subject: Hi", 'subject: "Daily {{ 1 + }}"')
+    text = one + one.split("reports:\n", 1)[1].replace("r1:", "r2:").replace("Daily", "Weekly")
+    with pytest.raises(ConfigError) as info:
+        load_checked(write_project(tmp_path, text), {}, tmp_path / "templates")
+    assert [p.field for p in info.value.problems] == ["reports.r1.subject", "reports.r2.subject"]
+    assert {p.message for p in info.value.problems} == {"template syntax error: unexpected 'end of print statement'"}

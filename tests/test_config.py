@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reporter.config import Config, load, normalize_address
 from reporter.errors import ConfigError, Problem
+from reporter.yamldoc import MAX_VALUES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -386,8 +389,8 @@ YAML_LIMITS = [
     ),
     (
         "too-many-values",
-        "x: [" + ", ".join(["1"] * 50_001) + "]\n" + BASE,
-        "schedules.yaml:1: more than 50,000 values; is this the right file?",
+        "x: [" + ", ".join(["1"] * MAX_VALUES) + "]\n" + BASE,
+        f"schedules.yaml:1: more than {MAX_VALUES:,} values; is this the right file?",
     ),
     (
         "nested-too-deeply",
@@ -408,6 +411,15 @@ def test_yaml_that_would_take_too_long_is_refused_naming_the_line(tmp_path: Path
     with pytest.raises(ConfigError) as info:
         load(path, {})
     assert [str(p).replace(str(path), "schedules.yaml") for p in info.value.problems] == [expected]
+
+
+def test_a_config_with_more_values_written_out_than_aliases_may_add_still_loads(tmp_path: Path) -> None:
+    # The alias budget (50,000) bounds expansion, not the file: 20,000 reports written out have more.
+    text = BASE + "    query:\n      datasource: db\n      sql: select 1\n      params: {many: [" + ", ".join(["1"] * 60_000) + "]}\n"
+    text = "datasources:\n  db:\n    url: sqlite://\n" + text
+    config = load(write_project(tmp_path, text), {})
+    assert config.reports["r1"].query is not None
+    assert len(config.reports["r1"].query.params["many"]) == 60_000
 
 
 def test_aliases_within_the_limit_still_work(tmp_path: Path) -> None:
@@ -490,6 +502,80 @@ def test_header_injection_and_non_addresses_stay_refused(written: str, message: 
     assert str(info.value) == message
 
 
+_LABELS = st.one_of(
+    st.text(alphabet="aZ09-", min_size=0, max_size=70),
+    st.sampled_from(["xn--bcher-kva", "ab--cd", "localhost", "local", "test", "123", "Example", "co"]),
+)
+_LOCALS = st.one_of(
+    st.text(alphabet="aZ09._%+-!#'", min_size=0, max_size=70),
+    st.sampled_from(["postmaster", "PostMaster", "Info", "sales", "a..b", ".a", "a."]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(local=_LOCALS, labels=st.lists(_LABELS, min_size=1, max_size=6))
+def test_the_fast_path_for_plain_addresses_agrees_with_email_validator(local: str, labels: list[str]) -> None:
+    """Where the ASCII fast path answers, email-validator accepts the address and normalises it the same."""
+    from email_validator import validate_email
+
+    from reporter.config import _fast_address
+
+    address = f"{local}@{'.'.join(labels)}"
+    fast = _fast_address(address)
+    if fast is not None:
+        valid = validate_email(
+            address, check_deliverability=False, globally_deliverable=False, allow_quoted_local=True, allow_domain_literal=True
+        )
+        assert fast == valid.ascii_email
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    name=st.one_of(
+        st.text(alphabet='aZ0 .,"<>@()', max_size=12),
+        st.lists(st.tuples(st.text(alphabet="aZ0.,", min_size=1, max_size=4), st.sampled_from([" ", "  ", ""])), max_size=4).map(
+            lambda words: "".join(w + sep for w, sep in words).strip()
+        ),
+    ),
+    address=st.one_of(st.text(alphabet="aZ0.@<>-_ ", max_size=14), st.sampled_from(["ann@example.com", "a.b@x", "x@y@z", "<a@b>"])),
+    space=st.sampled_from([" ", "", "  "]),
+)
+def test_the_named_address_shortcut_agrees_with_the_header_parser(name: str, address: str, space: str) -> None:
+    from email.utils import getaddresses
+
+    from reporter.config import NAMED_ADDRESS_RE
+
+    written = f"{name}{space}<{address}>"
+    found = NAMED_ADDRESS_RE.fullmatch(written)
+    if found is not None:
+        assert getaddresses([written]) == [(found.group(1), found.group(2))]
+
+
+@pytest.mark.parametrize(
+    ("written", "normalised"),
+    [
+        ("Ann.Lee+x@Mail.Example.COM", "Ann.Lee+x@mail.example.com"),
+        ("ops_1%a@corp-2.local", "ops_1%a@corp-2.local"),
+        ("r@localhost", "r@localhost"),
+    ],
+)
+def test_common_addresses_take_the_fast_path(written: str, normalised: str) -> None:
+    from reporter.config import NAMED_ADDRESS_RE, _fast_address
+
+    assert _fast_address(written) == normalised == normalize_address(written)
+    named = f"Ann Lee 2 <{written}>"
+    assert NAMED_ADDRESS_RE.fullmatch(named) and normalize_address(named) == f"Ann Lee 2 <{normalised}>"
+
+
+@pytest.mark.parametrize(
+    "written", ["PostMaster@example.com", "a@xn--bcher-kva.example", "a@ab--cd.example", "a..b@example.com", "x" * 65 + "@example.com"]
+)
+def test_addresses_the_library_treats_specially_leave_the_fast_path(written: str) -> None:
+    from reporter.config import _fast_address
+
+    assert _fast_address(written) is None
+
+
 def test_special_use_domains_load_from_the_config(tmp_path: Path) -> None:
     text = 'defaults:\n  sender: "Reports <reports@reporter.internal>"\n' + BASE.replace(
         "[a@example.com]", "[ops@corp.local, root@localhost, a@example.test]"
@@ -515,3 +601,27 @@ def test_merge_keys_are_overridden_by_keys_written_beside_them(tmp_path: Path) -
     assert [str(p) for p in info.value.problems] == [
         f"{path}:11: reports.r2.subject: duplicate key (first defined on line 9); YAML would silently keep only the last"
     ]
+
+
+def test_reading_a_config_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    import gc
+
+    from reporter.config import _no_cycle_collection
+
+    path = write_project(tmp_path, BASE)
+    assert gc.isenabled()
+    load(path, {})
+    assert gc.isenabled()
+    with pytest.raises(ConfigError):
+        load(write_project(tmp_path / "bad", "reports: [\n"), {})
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _no_cycle_collection():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load(path, {})
+        assert not gc.isenabled()  # not switched on behind the back of a program that turned it off
+    finally:
+        gc.enable()

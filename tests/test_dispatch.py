@@ -329,3 +329,27 @@ def test_slots_of_a_disabled_period_are_not_caught_up_when_re_enabled(make_confi
     enqueued = run(enabled, ledger, T)
     assert [d for d in enqueued if d.catch_up] == []
     assert enqueued == [Due("quarter", s) for s in WINDOW_SLOTS]
+
+
+def test_a_changed_cron_is_dispatched_by_its_new_schedule_at_once(make_config: Callable[..., Config], ledger: Ledger) -> None:
+    """The dispatcher remembers when a cron fires next; an edited config asks about the new cron."""
+    yearly = make_config(QUARTER.replace('"*/15 * * * *"', '"0 6 1 1 *"'))
+    assert run(yearly, ledger, at(16, 1)) == []
+    assert run(yearly, ledger, T) == []
+    quarterly = make_config(QUARTER)
+    assert run(quarterly, ledger, at(18, 1)) == [Due("quarter", s) for s in [at(18, 15), at(18, 30), at(18, 45), at(19, 0)]]
+    assert run(yearly, ledger, at(19, 1)) == []
+
+
+def test_one_dispatch_of_many_reports_records_each_row_once_and_a_second_none(make_config: Callable[..., Config], ledger: Ledger) -> None:
+    many = "".join(QUARTER.replace("quarter:", f"q{i:03d}:") for i in range(L.BATCH + 20))
+    config = make_config(many)
+    first = run(config, ledger, T)
+    assert len(first) == 4 * (L.BATCH + 20)
+    counts = keys(ledger)
+    assert len(counts) == 2 * len(first) and set(counts.values()) == {1}
+    assert run(config, ledger, T) == first  # enqueued again (harmless: the claim), no row added
+    assert keys(ledger) == counts
+    assert set(ledger.marks().values()) == {at(18, 1)}
+    # The next hour, with the rows only minutes old: nothing to catch up (their rows exist, their marks moved).
+    assert [d for d in run(config, ledger, at(18, 1), now=at(17, 15) + LOST_AFTER) if d.catch_up] == []

@@ -111,6 +111,37 @@ def test_ensure_does_not_reset_existing_rows(ledger: Ledger) -> None:
     assert {r.trigger for r in ledger.rows()} == {"schedule"}
 
 
+def test_ensure_many_inserts_exactly_the_missing_rows_in_batches(ledger: Ledger) -> None:
+    # More keys than one IN (...) batch and one insert statement hold, some already there.
+    reports = [f"r{i:04d}" for i in range(L.BATCH + 50)]
+    ledger.ensure("r0007", SLOT, ["ann@example.com"])
+    claim = ledger.claim("r0007", SLOT, ["ann@example.com"], STALE)
+    ledger.mark_sent(claim.token, "r0007", SLOT, ["ann@example.com"], "<m@x>", 1, 1)
+    wanted = [(name, SLOT, ["ann@example.com", "ben@example.com"]) for name in reports]
+    assert ledger.ensure_many(wanted) == 2 * len(reports) - 1
+    assert ledger.ensure_many(wanted) == 0  # a second dispatch creates none
+    keys = Counter((r.report, r.slot, r.recipient) for r in ledger.rows())
+    assert len(keys) == 2 * len(reports) and set(keys.values()) == {1}
+    assert one(ledger, "ann@example.com", report="r0007").status == L.SENT  # not reset
+    statuses = ledger.slot_statuses(reports, SLOT, SLOT + timedelta(minutes=1))
+    assert len(statuses) == len(reports)
+    assert statuses[("r0007", SLOT)] == {L.SENT, L.QUEUED}
+    assert ledger.slot_statuses(reports, SLOT + timedelta(minutes=1), SLOT + timedelta(hours=1)) == {}
+
+
+def test_advance_marks_moves_every_mark_forward_only(ledger: Ledger) -> None:
+    names = [f"r{i:04d}" for i in range(L.BATCH + 50)]
+    ledger.advance_mark("r0001", SLOT + timedelta(hours=2))
+    ledger.advance_mark("r0002", SLOT - timedelta(hours=2))
+    ledger.advance_marks(names, SLOT)
+    marks = ledger.marks()
+    assert set(marks) == set(names)
+    assert marks["r0001"] == SLOT + timedelta(hours=2)  # never backwards
+    assert {marks[n] for n in names if n != "r0001"} == {SLOT}
+    ledger.advance_marks(names, SLOT)  # again: no error, nothing changes
+    assert ledger.marks() == marks
+
+
 # ----------------------------------------------------------------------------- claim
 
 

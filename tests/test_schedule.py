@@ -522,3 +522,18 @@ DESCRIBE = [
 @pytest.mark.parametrize(("cron", "words"), [c[1:] for c in DESCRIBE], ids=[c[0] for c in DESCRIBE])
 def test_describe_says_how_the_day_fields_combine(cron: str, words: str) -> None:
     assert describe(cron) == words
+
+
+def test_slots_in_remembers_a_quiet_cron_and_agrees_with_slots_between() -> None:
+    from reporter import schedule
+
+    berlin = ZoneInfo("Europe/Berlin")
+    start = datetime(2026, 3, 28, 0, 1, tzinfo=UTC)  # the DST change in Berlin is the next night
+    for expr in ("0 7 * * 1-5", "30 2 * * *", "33 3 29 2 *", "*/20 * * * *"):
+        for hour in range(0, 72):
+            a = start + timedelta(hours=hour)
+            assert schedule.slots_in(expr, berlin, a, a + timedelta(hours=1)) == slots_between(expr, berlin, a, a + timedelta(hours=1))
+    # A yearly cron: its next fire is remembered, so a window before it is answered without computing.
+    schedule.slots_in("33 3 29 2 *", UTC, start, start + timedelta(hours=1))
+    quiet_from, fire = schedule._QUIET[("33 3 29 2 *", UTC)]
+    assert quiet_from == start and fire == datetime(2028, 2, 29, 3, 33, tzinfo=UTC)
