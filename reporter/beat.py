@@ -17,11 +17,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from celery import beat, schedules
-from redis.exceptions import RedisError
 
 from reporter import defaults
 from reporter.config import Config
-from reporter.lock import RedisLock
+from reporter.lock import Lease, RedisLock
 from reporter.schedule import isoformat, latest_fire, next_fire, period
 from reporter.settings import Settings, is_redis_url, mask_url, redis_client_url
 
@@ -127,15 +126,19 @@ def longest_eta(config: Config, now: datetime) -> int:
 
 
 class Leader:
-    """Beat's leadership: the lock taken, renewed on every tick, and a heartbeat written while leading.
+    """Beat's leadership: the lease taken, renewed on every tick, and a heartbeat written while leading.
 
-    Without a lock (a broker that is not Redis) this beat always leads."""
+    The lease is a RedisLock with a Redis broker and a LedgerLease (a row in the ledger database) with
+    any other; without a lease at all this beat always leads."""
 
-    def __init__(self, lock: RedisLock | None, tick_key: str = defaults.BEAT_TICK_KEY) -> None:
+    def __init__(self, lock: Lease | None, tick_key: str = defaults.BEAT_TICK_KEY, where: str = "Redis") -> None:
         self.lock = lock
         self.tick_key = tick_key
+        self.where = where
+        """Where the lease is kept, for the log."""
         self.leading = False
         self._standby_logged = False
+        self._unreachable_logged = False
 
     def tick(self, state: Mapping[str, Any] | None = None) -> tuple[bool, bool]:
         """Keep or take the leadership: (this beat may send now, it has just become the leader). STATE
@@ -154,15 +157,20 @@ class Leader:
                     if not self._standby_logged:
                         log.info("beat standing by: %s leads", (self.lock.holder() or {}).get("id", "another beat"))
                         self._standby_logged = True
+                    self._unreachable_logged = False
                     return False, False
                 self.leading, self._standby_logged, became = True, False, True
+            self._unreachable_logged = False
             beat_ = {"id": self.lock.owner, "at": datetime.now(UTC).isoformat(), **(state or {})}
-            self.lock.client.set(self.tick_key, json.dumps(beat_))
+            self.lock.heartbeat(self.tick_key, json.dumps(beat_))
             return True, became
-        except RedisError as exc:
-            # Without Redis we cannot know we still lead: send nothing until it answers again.
+        except self.lock.unreachable as exc:
+            # Without the lease's store we cannot know we still lead: send nothing until it answers again.
             if self.leading:
-                log.error("beat cannot reach Redis to renew its lock (%s); pausing", exc)
+                log.error("beat cannot reach %s to renew its lock (%s); pausing", self.where, _first_line(exc))
+            elif not self._unreachable_logged:
+                log.warning("beat standing by: %s does not answer (%s); it takes the lead once it does", self.where, _first_line(exc))
+            self._unreachable_logged = True
             self.leading = False
             return False, False
 
@@ -173,14 +181,34 @@ class Leader:
             try:
                 self.lock.release()
                 log.info("beat released the leader lock")
-            except RedisError:
+            except self.lock.unreachable:
                 pass
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of a driver's error (SQLAlchemy's carry the SQL and a link below it)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def leader_lease(broker: str, database_url: str, timeout: float) -> tuple[Lease, str]:
+    """The lease beat leads by under BROKER, and where it is kept: in Redis for a Redis broker (as
+    before), in the ledger database at DATABASE_URL for any other (RabbitMQ has no lease of its own)."""
+    if is_redis_url(broker):
+        import redis
+
+        client = redis.Redis.from_url(redis_client_url(broker), socket_timeout=5, socket_connect_timeout=5)
+        return RedisLock(client, defaults.BEAT_LEADER_KEY, timeout), "Redis"
+    from reporter.lease import LedgerLease
+
+    return LedgerLease(defaults.BEAT_LEADER_KEY, timeout, url=database_url), f"the ledger database {mask_url(database_url)}"
 
 
 class Scheduler(beat.Scheduler):
     """Celery's in-memory scheduler plus the YAML entries, led by one beat at a time.
 
-    A beat sends nothing until it holds the leader lock in Redis; it renews the lock on every tick
+    A beat sends nothing until it holds the leader lease (in Redis, or in the ledger database when the
+    broker is not Redis); it renews the lock on every tick
     and writes a heartbeat. A second beat waits as a standby and takes over once the leader's lease
     runs out (it died, even by SIGKILL), starting with a dispatch that catches up what was missed.
 
@@ -207,16 +235,9 @@ class Scheduler(beat.Scheduler):
         self.lock_timeout = config.defaults.beat_lock_timeout
         # Renew well within the lease, and tick often enough to notice a lost lock quickly.
         self.max_interval: float = min(float(self.max_interval), self.lock_timeout / 3)
-        broker = str(self.app.conf.broker_url or "")
-        lock = None
-        if is_redis_url(broker):
-            import redis
-
-            client = redis.Redis.from_url(redis_client_url(broker), socket_timeout=5, socket_connect_timeout=5)
-            lock = RedisLock(client, defaults.BEAT_LEADER_KEY, self.lock_timeout)
-        else:
-            log.warning("broker is not Redis: no leader lock, so run exactly one beat yourself")
-        self._leader = Leader(lock)
+        lock, where = leader_lease(str(self.app.conf.broker_url or ""), self._settings().database_url, self.lock_timeout)
+        log.info("beat leader lease %s is kept in %s", defaults.BEAT_LEADER_KEY, where)
+        self._leader = Leader(lock, where=where)
 
     def _settings(self) -> Settings:
         """The settings of the app (reporter.app.App) this beat runs."""

@@ -108,6 +108,16 @@ notices = sa.Table(
 """When each report's owners were last told of a failure: notices are throttled per report."""
 
 
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("holder", sa.Text, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+)
+"""Named leases (beat's leadership when the broker is not Redis): one holder until `expires_at`."""
+
+
 @dataclass(frozen=True)
 class Row:
     """A ledger row as read back."""
@@ -525,6 +535,46 @@ class Ledger:
             if missing:
                 # A concurrent dispatcher may insert the same report first; its mark is at least as far.
                 conn.execute(self._insert_ignore_into(marks), missing)
+
+    def take_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Hold lease NAME as HOLDER for SECONDS from now, if it is free, expired or already HOLDER's.
+
+        One conditional UPDATE (atomic like `claim`: PostgreSQL re-checks the condition on the row a
+        concurrent UPDATE wrote, SQLite serialises writers); an INSERT when there is no row yet, where
+        the primary key lets exactly one of two racing inserts win. Expiry is judged by this process's
+        clock on both sides, as for claims (docs/reliability.md, "Clock skew")."""
+        stamp = now()
+        until = stamp + timedelta(seconds=seconds)
+        row = (leases.c.name == name) & ((leases.c.holder == holder) | (leases.c.expires_at < stamp))
+        with self.engine.begin() as conn:
+            if conn.execute(leases.update().where(row).values(holder=holder, expires_at=until)).rowcount:
+                return True
+            if conn.execute(sa.select(leases.c.name).where(leases.c.name == name)).first() is not None:
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(leases.insert().values(name=name, holder=holder, expires_at=until))
+            except IntegrityError:
+                return False  # another holder inserted it first
+            return True
+
+    def renew_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Extend HOLDER's unexpired lease NAME by SECONDS from now; False if it is not HOLDER's any more."""
+        stamp = now()
+        mine = (leases.c.name == name) & (leases.c.holder == holder) & (leases.c.expires_at >= stamp)
+        with self.engine.begin() as conn:
+            return bool(conn.execute(leases.update().where(mine).values(expires_at=stamp + timedelta(seconds=seconds))).rowcount)
+
+    def drop_lease(self, name: str, holder: str) -> bool:
+        """Give lease NAME up if HOLDER holds it."""
+        with self.engine.begin() as conn:
+            return bool(conn.execute(leases.delete().where((leases.c.name == name) & (leases.c.holder == holder))).rowcount)
+
+    def lease_holder(self, name: str) -> str | None:
+        """The holder of lease NAME if it has not expired."""
+        with self.engine.connect() as conn:
+            found = conn.execute(sa.select(leases.c.holder).where((leases.c.name == name) & (leases.c.expires_at >= now()))).scalar()
+        return None if found is None else str(found)
 
     def remember_config(self, version: str, source: str) -> None:
         """Note that configuration VERSION (content SOURCE) was loaded from its file now."""

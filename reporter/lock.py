@@ -10,7 +10,9 @@ import os
 import socket
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 # Renew or release only if the lock is still ours: a leader that stalled past its lease must not
 # extend or delete the lock its successor now holds.
@@ -33,8 +35,24 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class Lease(Protocol):
+    """What beat's leadership needs of a lease, wherever it is kept (RedisLock, reporter.lease.LedgerLease)."""
+
+    owner: str
+    unreachable: tuple[type[Exception], ...]
+
+    def acquire(self) -> bool: ...
+    def renew(self) -> bool: ...
+    def release(self) -> bool: ...
+    def holder(self) -> dict[str, Any] | None: ...
+    def heartbeat(self, key: str, value: str) -> None: ...
+
+
 class RedisLock:
     """A lease on KEY for TIMEOUT seconds, identified by a JSON value naming its owner."""
+
+    unreachable: tuple[type[Exception], ...] = (RedisError,)
+    """What a call raises while Redis does not answer."""
 
     def __init__(self, client: Any, key: str, timeout: float, owner: str | None = None) -> None:
         self.client = client
@@ -62,3 +80,7 @@ class RedisLock:
         """Who holds the lock now, if anyone."""
         raw = self.client.get(self.key)
         return None if raw is None else dict(json.loads(raw))
+
+    def heartbeat(self, key: str, value: str) -> None:
+        """Write the leader's heartbeat (what `reporter status` shows) at KEY."""
+        self.client.set(key, value)

@@ -104,6 +104,35 @@ def fresh_redis(redis_url: str) -> str:
     return redis_url
 
 
+# ----------------------------------------------------------------------------- RabbitMQ
+
+AMQP_URL = os.environ.get("REPORTER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672")
+"""The RabbitMQ server, without a virtual host: each test gets a private one."""
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def amqp_url() -> Iterator[str]:
+    """A private RabbitMQ virtual host for one test (its queues cannot meet another test's), deleted afterwards."""
+    from kombu import Connection
+
+    vhost = f"reporter-test-{uuid.uuid4().hex[:10]}"
+    try:
+        with Connection(AMQP_URL + "//", connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+        _rabbitmqctl("add_vhost", vhost)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect or to make a vhost means "not available"
+        need("RabbitMQ", f"{AMQP_URL} (and rabbitmqctl to add a virtual host): {exc}")
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield f"{AMQP_URL}/{vhost}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
 # ----------------------------------------------------------------------------- SMTP
 
 
