@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
 
-from reporter.config import Report, normalize_address
+from reporter.config import NAMED_ADDRESS_RE, PLAIN_ADDRESS_RE, Report, normalize_address
 
 UNDISCLOSED = "undisclosed-recipients:;"
 """The To header of a message that goes only to Cc or Bcc readers (RFC 5322 empty group)."""
@@ -23,7 +23,13 @@ UNDISCLOSED = "undisclosed-recipients:;"
 @functools.lru_cache(maxsize=1 << 18)
 def key_of(address: str) -> str:
     """The ledger key of an address: bare, normalised, lower case."""
-    return parseaddr(normalize_address(address))[1].lower()
+    normalized = normalize_address(address)
+    # The shapes the header parser returns as written (config.py): skip it, as normalisation does.
+    if PLAIN_ADDRESS_RE.fullmatch(normalized):
+        return normalized.lower()
+    if named := NAMED_ADDRESS_RE.fullmatch(normalized):
+        return named.group(2).lower()
+    return parseaddr(normalized)[1].lower()
 
 
 def _keyed(values: Sequence[str], taken: set[str]) -> dict[str, str]:
