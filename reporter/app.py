@@ -103,6 +103,12 @@ def configure(app: App, config: Config, now: datetime | None = None) -> None:
     d = config.defaults
     app.conf.task_soft_time_limit = d.soft_time_limit
     app.conf.task_time_limit = d.time_limit
+    if app.finalized:
+        # Tasks bound at the app's finalize copied Celery's defaults into their own limits, which a worker
+        # applies to a message that names none (one published by hand): give them the config's too.
+        for task in app.tasks.values():
+            if task.name.startswith("email_reports."):
+                task.soft_time_limit, task.time_limit = d.soft_time_limit, d.time_limit
     window = longest_eta(config, now or datetime.now(UTC))
     needed = int(window + d.time_limit)
     chosen = app.settings.visibility_timeout
