@@ -428,7 +428,7 @@ def ignores_soft_limit(slot, report):
 """
 
 
-@pytest.mark.slow(minutes=3)
+@pytest.mark.slow(minutes=1)
 def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_attempts(
     make_project: Callable[..., Project],
     fresh_redis: str,
