@@ -77,13 +77,18 @@ def entries(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
-def builtin_entries(config: Config) -> dict[str, dict[str, Any]]:
-    """Entries every deployment needs whether or not the YAML names them."""
+def builtin_entries(config: Config, sweep_interval: int = defaults.SWEEP_INTERVAL) -> dict[str, dict[str, Any]]:
+    """Entries every deployment needs whether or not the YAML names them: the sweep, every
+    SWEEP_INTERVAL seconds (REPORTER_SWEEP_INTERVAL; 60 runs it on the minute, as a cron)."""
+    every: Any = (
+        CronSchedule("* * * * *", ZoneInfo("UTC")) if sweep_interval == 60 else schedules.schedule(timedelta(seconds=sweep_interval))
+    )
     return {
         defaults.TASK_SWEEP: {
             "task": defaults.TASK_SWEEP,
-            "schedule": CronSchedule("* * * * *", ZoneInfo("UTC")),
-            "options": {"queue": defaults.QUEUE_SCHEDULED, "expires": 55},
+            "schedule": every,
+            # A sweep not started before the next one is due is dropped: the next one does its work.
+            "options": {"queue": defaults.QUEUE_SCHEDULED, "expires": max(1, sweep_interval * 55 // 60)},
         }
     }
 
@@ -251,7 +256,7 @@ class Scheduler(beat.Scheduler):
 
     def _merge(self, config: Config) -> None:
         """Make the schedule the YAML crontab of CONFIG (entries it no longer has are dropped)."""
-        self.merge_inplace({**builtin_entries(config), **entries(config)})
+        self.merge_inplace({**builtin_entries(config, self._settings().sweep_interval), **entries(config)})
         self._heap = None
         for name, entry in self.schedule.items():
             log.info("beat entry %s: %s %r", name, entry.task, entry.schedule)

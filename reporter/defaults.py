@@ -84,6 +84,15 @@ TASK_PRUNE = "email_reports.prune_ledger"
 TASK_SWEEP = "email_reports.sweep"
 """Re-enqueue deliveries whose task was lost; beat runs it every minute whatever the YAML says."""
 
+SWEEP_INTERVAL = 60
+"""Seconds between two runs of the sweep (a beat entry every deployment has); 60: every minute on the minute."""
+
+SWEEP_GRACE = 120
+"""Seconds a row may stay queued past its slot, untouched, before the sweep takes its task for lost."""
+
+CLAIM_MARGIN = 30
+"""Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
+
 BEAT_TASKS = (TASK_DISPATCH, TASK_PRUNE, TASK_SWEEP)
 """Tasks a beat entry may name (email_reports.send needs a report and a slot, so it cannot be one)."""
 

@@ -22,9 +22,6 @@ from reporter.ratelimit import Limiter
 from reporter.render import Renderer
 from reporter.settings import Settings
 
-CLAIM_MARGIN = 30
-"""Seconds past the hard time limit before a claim counts as abandoned by a killed process."""
-
 
 @dataclass
 class Runtime:
@@ -77,9 +74,9 @@ class Runtime:
     @cached_property
     def stale_after(self) -> float:
         """Seconds after which another execution's claim is taken to be dead: longer than any send
-        task may live (its hard limit), so the claim of a task that is still running is never taken."""
+        task may live (its hard limit) plus REPORTER_CLAIM_MARGIN, so the claim of a task that is still running is never taken."""
         hard = max((self.time_limits(name)[1] for name in self.config.reports), default=self.config.defaults.time_limit)
-        return hard + CLAIM_MARGIN
+        return hard + self.settings.claim_margin
 
 
 _cache: tuple[int, Runtime] | None = None

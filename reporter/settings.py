@@ -173,6 +173,27 @@ OPTIONS: tuple[Option, ...] = (
         defaults.RELOAD_INTERVAL,
         "seconds between a process's looks at schedules.yaml and the templates for an edit",
     ),
+    Option(
+        "REPORTER_SWEEP_INTERVAL",
+        "sweep_interval",
+        seconds(defaults.SWEEP_INTERVAL),
+        defaults.SWEEP_INTERVAL,
+        "seconds between two runs of the sweep that re-enqueues lost and abandoned deliveries",
+    ),
+    Option(
+        "REPORTER_SWEEP_GRACE",
+        "sweep_grace",
+        seconds(defaults.SWEEP_GRACE),
+        defaults.SWEEP_GRACE,
+        "seconds a delivery may stay queued past its slot before the sweep takes its task for lost",
+    ),
+    Option(
+        "REPORTER_CLAIM_MARGIN",
+        "claim_margin",
+        seconds(defaults.CLAIM_MARGIN),
+        defaults.CLAIM_MARGIN,
+        "seconds past the hard time limit before a send's claim counts as abandoned by a killed process",
+    ),
     Option("FLOWER_PORT", "flower_port", port(defaults.FLOWER_PORT), defaults.FLOWER_PORT, "Flower's port (Flower reads it too)"),
 )
 """Every variable reporter reads. Each may instead name a file holding the value: NAME_FILE."""
@@ -333,6 +354,12 @@ class Settings:
     """FLOWER_PORT: where `reporter health flower` looks for Flower."""
     reload_interval: int = defaults.RELOAD_INTERVAL
     """REPORTER_RELOAD_INTERVAL: seconds between a process's looks at the config files for an edit."""
+    sweep_interval: int = defaults.SWEEP_INTERVAL
+    """REPORTER_SWEEP_INTERVAL: seconds between two runs of the sweep (beat's built-in entry)."""
+    sweep_grace: int = defaults.SWEEP_GRACE
+    """REPORTER_SWEEP_GRACE: seconds a row may stay queued past its slot before the sweep re-enqueues it."""
+    claim_margin: int = defaults.CLAIM_MARGIN
+    """REPORTER_CLAIM_MARGIN: seconds past the hard time limit before a claim is taken for abandoned."""
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """Unknown REPORTER_* variables, each with a did-you-mean; the caller prints them."""
 
@@ -368,6 +395,9 @@ class Settings:
             templates_override=override,
             flower_port=values["flower_port"],
             reload_interval=values["reload_interval"],
+            sweep_interval=values["sweep_interval"],
+            sweep_grace=values["sweep_grace"],
+            claim_margin=values["claim_margin"],
             warnings=tuple(warnings),
         )
 

@@ -30,9 +30,6 @@ from reporter.schedule import isoformat, parse_instant
 
 log = logging.getLogger(__name__)
 
-QUEUED_GRACE = timedelta(minutes=2)
-"""A row still queued this long after its slot, and untouched as long, has lost its task."""
-
 
 def backoff(
     retries: int, base: float = defaults.RETRY_BACKOFF, maximum: float = defaults.RETRY_BACKOFF_MAX, rand: random.Random | None = None
@@ -195,10 +192,12 @@ def sweep() -> dict[str, Any]:
     rt = runtime()
     rt.follow()
     now = datetime.now(UTC)
+    # A row still queued this long after its slot, and untouched as long, has lost its task.
+    grace = timedelta(seconds=rt.settings.sweep_grace)
     found = rt.ledger.stuck(
         stale_before=now - timedelta(seconds=rt.stale_after),
-        queued_before=now - QUEUED_GRACE,
-        retry_before=now - timedelta(seconds=defaults.RETRY_BACKOFF_MAX) - QUEUED_GRACE,
+        queued_before=now - grace,
+        retry_before=now - timedelta(seconds=defaults.RETRY_BACKOFF_MAX) - grace,
     )
     groups: dict[tuple[str, datetime], list[Stuck]] = {}
     for row in found:

@@ -15,7 +15,7 @@ import pytest
 from reporter import config as config_mod
 from reporter import defaults
 from reporter.app import App, beat_command, configure, create_app, visibility_timeout, worker_command
-from reporter.beat import dispatch_window, fired_window, longest_eta
+from reporter.beat import CronSchedule, builtin_entries, dispatch_window, fired_window, longest_eta
 from reporter.errors import BrokerUnavailable, ConfigError
 from reporter.ledger import Stuck
 from reporter.settings import Broker, Settings
@@ -82,6 +82,15 @@ def test_create_app_registers_every_task_and_the_beat_tasks_config_allows_are_th
     registered = {name for name in app.tasks if name.startswith("email_reports.")}
     assert registered == {defaults.TASK_DISPATCH, defaults.TASK_SEND, defaults.TASK_PRUNE, defaults.TASK_SWEEP}
     assert set(config_mod.KNOWN_TASKS) == registered - {defaults.TASK_SEND}
+
+
+def test_the_sweep_runs_every_minute_on_the_minute_unless_its_interval_is_set() -> None:
+    default = builtin_entries(config_with("0 * * * *"))[defaults.TASK_SWEEP]
+    assert default["schedule"] == CronSchedule("* * * * *", ZoneInfo("UTC"))
+    assert default["options"]["expires"] == 55
+    every5 = builtin_entries(config_with("0 * * * *"), sweep_interval=5)[defaults.TASK_SWEEP]
+    assert every5["schedule"].run_every == timedelta(seconds=5)
+    assert 0 < every5["options"]["expires"] < 5
 
 
 def test_create_app_takes_the_broker_and_visibility_timeout_from_its_settings_only() -> None:

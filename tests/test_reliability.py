@@ -285,7 +285,9 @@ def test_redis_restarted_mid_run_deliveries_resume_and_nothing_is_lost(
     recipients: [ann@example.com]
 """
         project.config.write_text(project_yaml(project.root, report, dispatch_cron="* * * * *"))
-        env = project.env(REPORTER_BROKER_URL=url, REPORTER_SMTP_URL=inbox.url)
+        # The sweep every 5 s and a 30 s grace (defaults: every minute, 2 minutes): what Redis lost is
+        # re-enqueued by the same sweep, a minute or two sooner.
+        env = project.env(REPORTER_BROKER_URL=url, REPORTER_SMTP_URL=inbox.url, REPORTER_SWEEP_INTERVAL="5", REPORTER_SWEEP_GRACE="30")
         worker = start_worker(env, concurrency=2)
         start_beat(env)
         wait_until(lambda: len(delivered(inbox)) >= 1, 100, "a first delivery")
@@ -426,7 +428,7 @@ def ignores_soft_limit(slot, report):
 """
 
 
-@pytest.mark.slow(minutes=3)
+@pytest.mark.slow(minutes=1)
 def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_attempts(
     make_project: Callable[..., Project],
     fresh_redis: str,
@@ -450,7 +452,8 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
         + FINE_REPORT
     )
     project.config.write_text(project_yaml(project.root, reports, soft_time_limit=2, time_limit=4))
-    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    # A short claim margin and a sweep every 5 s (defaults: 30 s, every minute): the same give-up, sooner.
+    env = project.env(REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url, REPORTER_CLAIM_MARGIN="2", REPORTER_SWEEP_INTERVAL="5")
     worker = start_worker(env, concurrency=2)
     start_beat(env)  # the sweep finds the killed attempt
     app = Celery("t", broker=fresh_redis, set_as_current=False)
@@ -459,7 +462,7 @@ def test_a_render_that_ignores_the_soft_limit_is_killed_and_given_up_after_its_a
     wait_until(lambda: "Hard time limit (4" in worker.output(), 60, "the hard limit to kill the render")
     wait_until(lambda: any(m["Subject"] == "Fine" for m in inbox.messages), 60, "the other report")
     ledger = Ledger.from_url(project.db_url)
-    # The killed attempt's claim goes stale after the hard limit + 30 s; the next sweep gives up on it.
+    # The killed attempt's claim goes stale after the hard limit + the claim margin; the next sweep gives up on it.
     # This slot's row (between 06:00 and 07:00 UTC beat's start-up dispatch also records today's coming 07:00).
     wait_until(lambda: [r.status for r in ledger.rows(report="stubborn", slot=SENT_SLOT)] == ["failed"], 150, "the sweep to give up")
     [row] = ledger.rows(report="stubborn", slot=SENT_SLOT)

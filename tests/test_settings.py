@@ -55,6 +55,9 @@ def problems(**env: str) -> list[str]:
         ("REPORTER_LOG_FORMAT", "text", "log_json", False),
         ("REPORTER_VISIBILITY_TIMEOUT", "7200", "visibility_timeout", 7200),
         ("REPORTER_RELOAD_INTERVAL", "30", "reload_interval", 30),
+        ("REPORTER_SWEEP_INTERVAL", "5", "sweep_interval", 5),
+        ("REPORTER_SWEEP_GRACE", "20", "sweep_grace", 20),
+        ("REPORTER_CLAIM_MARGIN", "2", "claim_margin", 2),
         ("FLOWER_PORT", "5556", "flower_port", 5556),
     ],
 )
