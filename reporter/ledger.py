@@ -295,7 +295,7 @@ class Ledger:
         """Insert a queued row for each (report, slot, recipient) of WANTED that has none, in one
         transaction of batched statements; return how many were new. Existing rows are left alone."""
         stamp = now()
-        values = [
+        values: list[dict[str, Any]] = [
             {
                 "report": report,
                 "slot": slot,
