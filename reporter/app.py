@@ -180,11 +180,27 @@ def start_checks(app: App, load: Callable[[], Config]) -> Config:
     return config
 
 
-def worker_config() -> Config:
-    """A worker's configuration: its main process builds the Runtime (ledger included), which the pool inherits."""
-    from reporter.runtime import runtime
+def worker_config(app: App) -> Callable[[], Config]:
+    """A worker's configuration: its main process builds the Runtime (ledger included), which the pool
+    inherits. With the ledger database down, the files alone: the worker still starts with the YAML's
+    time limits and visibility timeout (each task builds its Runtime when it runs, and fails for now)."""
 
-    return runtime().config
+    def load() -> Config:
+        from reporter.data import db_error
+        from reporter.live import load_checked
+        from reporter.runtime import runtime
+        from reporter.settings import mask_url
+
+        url = app.settings.database_url
+        try:
+            return runtime().config
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the worker must not start without the YAML's settings
+            log.error("the ledger database (%s) does not answer: %s; sends fail until it does", mask_url(url), db_error(exc, url))
+            return load_checked(app.settings)
+
+    return load
 
 
 def beat_config(app: App) -> Callable[[], Config]:
@@ -202,7 +218,7 @@ def _wire_signals(app: App) -> None:
         # celeryd_init (instance=): before the worker reads its default time limits from the app, so the
         # YAML's apply to every task; worker_init (sender=): for workers started without `celery worker`.
         if getattr(instance or sender, "app", None) is app:
-            start_checks(app, worker_config)
+            start_checks(app, worker_config(app))
 
     def beat_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:

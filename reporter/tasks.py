@@ -105,8 +105,9 @@ def schedule_hourly(
     end = parse_instant(window_end, UTC) if window_end else dispatch_window(rt.config, start)[1]
     # One producer (one broker connection) for every publish of this dispatch, and on Redis one pipeline
     # per 1,000 messages instead of a round trip each (kombu >= 5.7; others publish one by one).
-    # Every row is in the ledger before the first publish, so a batch lost to a broker error is found
-    # queued past the watermark by the next dispatch and enqueued again.
+    # Every row is in the ledger before the first publish; the batch goes to the broker when this block
+    # ends, after the watermarks moved, so rows of a batch lost to a broker error stay queued and the
+    # sweep re-enqueues them (REPORTER_SWEEP_GRACE after their slot).
     with schedule_hourly.app.producer_or_acquire() as producer, getattr(producer, "batch", contextlib.nullcontext)():
         done = dispatch(rt.config, rt.ledger, lambda due: enqueue_send(rt, due, producer=producer), start, end, now, only=reports)
     log.info("dispatched %d slot(s) for [%s, %s)", len(done), isoformat(start), isoformat(end))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -20,7 +21,7 @@ from reporter.errors import BrokerUnavailable, ConfigError
 from reporter.ledger import Stuck
 from reporter.settings import Broker, Settings
 from reporter.tasks import backoff, busy_recheck, give_up, out_of_retries, same_queue
-from tests.conftest import ROOT
+from tests.conftest import ROOT, Project
 
 SLOT = datetime(2026, 11, 23, 7, 0, tzinfo=UTC)
 
@@ -132,6 +133,31 @@ def test_tasks_bound_before_the_start_up_checks_get_the_yamls_time_limits() -> N
     assert app.tasks[defaults.TASK_SEND].soft_time_limit == defaults.SOFT_TIME_LIMIT  # bound with the built-in ones
     configure(app, config_with(None, time_limit=16), now=SLOT)
     assert [(app.tasks[name].soft_time_limit, app.tasks[name].time_limit) for name in defaults.TASKS] == [(6, 16)] * 4
+
+
+def test_a_worker_whose_ledger_does_not_answer_still_starts_with_the_yamls_settings(
+    make_project: Callable[..., Project], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from reporter import runtime
+    from reporter.app import start_checks, worker_config
+    from reporter.runner import free_port
+
+    project = make_project()  # soft_time_limit 20, time_limit 30
+    dead = f"postgresql+psycopg://reporter:s3cret@127.0.0.1:{free_port()}/ledger"
+    for name, value in project.env(REPORTER_BROKER_URL="redis://127.0.0.1:1/0", REPORTER_DATABASE_URL=dead).items():
+        if name.startswith("REPORTER_"):
+            monkeypatch.setenv(name, value)
+    runtime.reset()
+    app = create_app(Settings.from_env())
+    try:
+        config = start_checks(app, worker_config(app))
+    finally:
+        runtime.reset()
+    assert config.defaults.time_limit == 30
+    assert (app.conf.task_soft_time_limit, app.conf.task_time_limit) == (20, 30)
+    assert (app.tasks[defaults.TASK_SEND].soft_time_limit, app.tasks[defaults.TASK_SEND].time_limit) == (20, 30)
+    said = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert len(said) == 1 and "s3cret" not in said[0], said
 
 
 def test_configure_refuses_a_visibility_timeout_the_window_outlasts() -> None:
