@@ -7,13 +7,15 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from reporter.config import load
 from reporter.ledger import Ledger
+from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, run_cli, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,6 +84,16 @@ def test_beat_and_workers_follow_an_added_report_an_invalid_edit_and_a_fix(
     wait_until(lambda: len(inbox.messages) >= sent_before + 2, 100, "sends go on with the last good version", logs)
     assert beat.poll() is None and all(w.proc.poll() is None for w in workers), "a broken edit stopped a process"
     assert len(problem.findall(beat_log.read_text())) == 1, "the same problems are logged once"
+
+    # Queue regional's next minutes by hand as well: near the hour, beat's own window may hold none of them
+    # any more (its next dispatch, at :01, would already run under the fix, which removes regional).
+    soon = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    Celery("t", broker=fresh_redis, set_as_current=False).send_task(
+        "email_reports.schedule_hourly",
+        kwargs={"scheduled_for": isoformat(soon), "window_end": isoformat(soon + timedelta(minutes=3)), "reports": ["regional"]},
+        queue="reporter.scheduled",
+    )
+    wait_until(lambda: "for [" + isoformat(soon) in logs(), 30, "the hand dispatch of regional", logs)
 
     # 3. The fix changes weekly-ops' subject and removes the report that was there first.
     fixed = good.replace('subject: "Ops {{', 'subject: "Ops v2 {{')
