@@ -43,10 +43,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Put the longest tests (`@pytest.mark.slow(minutes=N)`) first, each followed by a quick one, then
     the other slow tests, then the rest.
 
-    Under xdist (`-n 4 --dist load --maxschedchunk 1`, see pyproject.toml) each process first gets two
-    neighbouring tests, then one more whenever it finishes one. So the four longest start at once on four
+    Under xdist (`-n 6 --dist load --maxschedchunk 1`, see pyproject.toml) each process first gets two
+    neighbouring tests, then one more whenever it finishes one. So the longest start at once on separate
     processes, the next longest go to whichever process frees up first, and the quick tests fill the gaps
-    instead of queueing behind a minute-long wait."""
+    on the other processes instead of queueing behind a minute-long wait."""
 
     def minutes(item: pytest.Item) -> float:
         slow = item.get_closest_marker("slow")
