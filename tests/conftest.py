@@ -23,9 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from reporter.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -235,6 +238,32 @@ def pg_url() -> Iterator[str]:
         )
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/l.db"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def open_ledger(ledger_url: str) -> Iterator[Callable[[], Ledger]]:
+    """A factory of Ledgers on one database (SQLite, then PostgreSQL), each with its own engine, as two processes or
+    hosts would have; all disposed afterwards."""
+    made: list[Ledger] = []
+
+    from reporter.ledger import Ledger
+
+    def open_() -> Ledger:
+        ledger = Ledger.from_url(ledger_url)
+        made.append(ledger)
+        return ledger
+
+    yield open_
+    for ledger in made:
+        ledger.dispose()
 
 
 # ----------------------------------------------------------------------------- configs

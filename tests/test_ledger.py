@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,29 +24,6 @@ from reporter.ledger import Ledger, deliveries
 SLOT = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
 STALE = 3600.0
 RCPTS = ["ann@example.com", "ben@example.com", "cy@example.com"]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/l.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def open_ledger(ledger_url: str) -> Iterator[Callable[[], Ledger]]:
-    """A factory of Ledgers on the same database, each with its own engine; all disposed afterwards."""
-    made: list[Ledger] = []
-
-    def open_() -> Ledger:
-        ledger = Ledger.from_url(ledger_url)
-        made.append(ledger)
-        return ledger
-
-    yield open_
-    for ledger in made:
-        ledger.dispose()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,29 +25,6 @@ from reporter.lock import RedisLock
 from tests.conftest import PG_ADMIN_URL
 
 NAME = defaults.BEAT_LEADER_KEY
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/l.db"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def open_ledger(ledger_url: str) -> Iterator[Callable[[], Ledger]]:
-    """Ledgers on the same database, each with its own engine (as two beats on two hosts); disposed afterwards."""
-    made: list[Ledger] = []
-
-    def open_() -> Ledger:
-        ledger = Ledger.from_url(ledger_url)
-        made.append(ledger)
-        return ledger
-
-    yield open_
-    for ledger in made:
-        ledger.dispose()
 
 
 def expire(ledger: Ledger, name: str = NAME) -> None:
