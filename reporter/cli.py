@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from reporter import defaults
 from reporter.errors import BrokerUnavailable, ConfigError, ReporterError
+from reporter.ledger import STATUSES
 from reporter.settings import Settings, mask_url
 
 if TYPE_CHECKING:  # the commands import these when they run, so that `reporter --help` starts fast
@@ -283,7 +284,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     for key in targets:
         row = rows.get(key)
         status = row.status if row else "unknown"
-        failed |= status not in ("sent", "skipped")
+        failed |= status not in ("sent", "skipped", "not-sent")
         detail = row.message_id if row and status == "sent" else (row.error if row else "") or ""
         if row and row.sent_at and row.sent_at < started:
             status, detail = "already-sent", f"{row.message_id} at {row.sent_at.isoformat()}"
@@ -344,9 +345,7 @@ def _send_async(rt: Runtime, report: str, at: datetime, to: list[str], wait: int
 
 @cli.command()
 @click.argument("report", required=False)
-@click.option(
-    "--status", type=click.Choice(["queued", "rendering", "sending", "sent", "failed", "skipped"]), help="only rows in this state"
-)
+@click.option("--status", type=click.Choice(list(STATUSES)), help="only rows in this state")
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--upcoming", is_flag=True, help="also list slots still to come (queued with an eta)")
 @click.pass_obj

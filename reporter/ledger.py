@@ -23,8 +23,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED = "queued", "rendering", "sending", "sent", "failed", "skipped"
-STATUSES = (QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED)
-FINAL = (SENT, FAILED, SKIPPED)
+NOT_SENT = "not-sent"
+"""Final: decided on purpose that this slot sends nothing to the recipient (an alert whose condition
+was false); the row's error says why."""
+PLANNED = "planned"
+"""Final: the planning row of a burst slot (its recipient is not an address), once the readers' own
+rows are made; its error says how many readers, in how many pieces."""
+STATUSES = (QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED, NOT_SENT, PLANNED)
+FINAL = (SENT, FAILED, SKIPPED, NOT_SENT, PLANNED)
 IN_FLIGHT = (RENDERING, SENDING)
 
 
