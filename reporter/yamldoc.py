@@ -55,6 +55,10 @@ def _yaml_error(exc: yaml.YAMLError, file: str, text: str) -> ConfigError:
         return ConfigError([Problem(file, None, "", f"YAML error: {exc}")])
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark else None
+    if exc.problem == "exceeded maximum nesting depth":
+        # libyaml 0.2.6 (in PyYAML 6.0.4's wheels) stops at 1,000 levels, and its scanner looks that far
+        # ahead in a flow collection before the events reach our own count: the same refusal.
+        return ConfigError([Problem(file, line, "", f"lists and mappings nested more than {MAX_DEPTH} levels deep")])
     what = exc.problem or exc.context or "invalid YAML"
     if exc.context and exc.problem and exc.context_mark and exc.context_mark.line + 1 != line:
         what = f"{exc.problem} ({exc.context} that starts on line {exc.context_mark.line + 1})"
