@@ -282,6 +282,15 @@ class Recovered(_Model):
     text_template: str | None = None
 
 
+def _recovered(value: Any) -> Any:
+    """`recovered: true` is the report's own subject and templates; false is none; a mapping is left to Recovered."""
+    if isinstance(value, bool):
+        return {} if value else None
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"must be true, false or a mapping with subject, template or text_template, not {value!r}")
+
+
 class Report(_Model):
     schedule: Cron
     timezone: Zone | None = None
@@ -314,7 +323,8 @@ class Report(_Model):
     """A scalar over `rows` that the condition and templates see as `value`, the next slot as `previous.value`."""
     notify: Literal["each", "change"] = "each"
     renotify_after: Duration | None = None
-    recovered: bool | Recovered = False
+    recovered: Annotated[Recovered | None, BeforeValidator(_recovered)] = None
+    """true (or a mapping with its own subject and templates): one email when the condition stops holding."""
 
     @field_validator("formats")
     @classmethod
