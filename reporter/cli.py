@@ -325,6 +325,9 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     else:
         _send_async(rt, report, at, list(to), wait)
     rows = {r.recipient: r for r in rt.ledger.rows(report=report, slot=at)}
+    decided = rt.ledger.evaluation(report, at) if spec.when is not None else None
+    if decided is not None:
+        click.echo(f"when: {decided.reason}", err=True)
     failed = False
     already = 0
     for key in targets:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+import io
 import mailbox
 import shutil
 from collections.abc import Callable, Iterator
 
 import pytest
+from openpyxl import load_workbook
+from pypdf import PdfReader
 
 from reporter.deliver import send_slot
 from reporter.ledger import Ledger
@@ -16,6 +21,7 @@ from reporter.observers import Observers
 from reporter.ratelimit import LocalLimiter
 from reporter.runtime import Runtime
 from reporter.settings import Settings
+from reporter.sheets import XLSX_MIME
 from tests.conftest import Project
 from tests.test_alert_processes import ANN, BEN, HOUR, T0, alert_project, set_orders
 from tests.test_deliver import Recorder
@@ -71,3 +77,22 @@ def test_a_condition_error_fails_the_recipients_and_records_no_evaluation(alert_
     assert list(result.failed) == [ANN] and result.failed[ANN].startswith("condition error: when: rows[0].amount > 1000: ")
     assert rt.ledger.evaluation("broken", T0 + HOUR) is None
     assert observer.told()[0][:2] == (ANN, "failed")
+
+
+def test_an_alert_sends_every_format_and_its_charts(alert_runtime: tuple[Runtime, Recorder, Project]) -> None:
+    rt, _, project = alert_runtime
+    set_orders(project, T0, 1234.5)
+    result = send_slot(rt, "every-format", T0)
+    assert list(result.sent) == [ANN]
+    (msg,) = [m for m in mailbox.Maildir(project.root / "outbox", create=False)]
+    parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+    assert parsed["Subject"] == "Every format 1"
+    attached = {part.get_content_type(): part.get_content() for part in parsed.iter_attachments()}
+    assert set(attached) == {"application/pdf", "text/csv", XLSX_MIME}
+    assert "07:00,1234.5" in attached["text/csv"]
+    pdf = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(attached["application/pdf"])).pages)
+    assert "Order at 07:00: 1234.5" in pdf and "Why: condition holds: value > 0 → 1" in pdf
+    sheet = load_workbook(io.BytesIO(attached[XLSX_MIME])).active
+    assert sheet is not None and [c.value for c in sheet[2]] == ["07:00", 1234.5]
+    images = [p for p in parsed.walk() if p.get_content_type() == "image/png"]
+    assert len(images) == 1  # the chart, inline

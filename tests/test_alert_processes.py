@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,20 @@ reports:
     formats: [html, pdf, csv]
     recipients: [{ann}, {ben}]
     owners: [{owner}]
+  every-format:
+    schedule: "0 * * * *"
+    subject: "Every format {{{{ value }}}}"
+    template: alert.html
+    query:
+      datasource: shop
+      sql: "select hour, amount from orders where hour = :hour"
+      params: {{hour: "{{{{ slot.strftime('%H:%M') }}}}"}}
+    value: "rows | length"
+    when: "value > 0"
+    formats: [html, pdf, csv, xlsx]
+    charts:
+      amounts: {{type: bar, x: hour, y: amount, title: Amounts}}
+    recipients: [{ann}]
   broken:
     schedule: "0 * * * *"
     subject: "Broken {{{{ slot.strftime('%H:%M') }}}}"
@@ -146,7 +161,7 @@ def test_alert_holds_then_not_then_again_with_notify_change_renotify_and_recover
     for slot, (amount, _) in zip(slots, plan, strict=True):
         set_orders(project, slot, amount)
         app.send_task("email_reports.send", args=("big-orders", isoformat(slot)), queue="reporter.scheduled")
-        wait_until(lambda s=slot: final(ledger, "big-orders", s, 2), 90, f"slot {slot:%H:%M} to be final", worker.output)
+        wait_until(partial(final, ledger, "big-orders", slot, 2), 90, f"slot {slot:%H:%M} to be final", worker.output)
 
     got = emails(inbox)
     expected = Counter({(isoformat(s), who): 1 for s, (_, arrives) in zip(slots, plan, strict=True) if arrives for who in (ANN, BEN)})
@@ -212,7 +227,7 @@ def test_a_condition_error_fails_the_slot_and_tells_the_owner_once_and_a_slot_se
     for slot in (T0, T0 + HOUR):
         set_orders(project, slot, None)
         app.send_task("email_reports.send", args=("broken", isoformat(slot)), queue="reporter.scheduled")
-        wait_until(lambda s=slot: final(ledger, "broken", s, 1), 90, "the broken slot to fail", worker.output)
+        wait_until(partial(final, ledger, "broken", slot, 1), 90, "the broken slot to fail", worker.output)
     rows = ledger.rows(report="broken")
     assert [r.status for r in rows] == ["failed", "failed"]
     assert all((r.error or "").startswith("condition error: when: rows[0].amount > 1000:") for r in rows), rows
