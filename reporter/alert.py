@@ -35,6 +35,8 @@ NOT_SENT: Decision = "not-sent"
 
 ROWS_KEPT = 1000
 """Rows of an evaluation kept for the next slot's `previous.rows`; `previous.capped` says when there were more."""
+ROWS_KEPT_BYTES = 256_000
+"""...and at most this much of them as JSON, so that wide rows do not make a large ledger row either."""
 
 DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
@@ -294,7 +296,7 @@ def evaluation(
     previous = before.as_previous() if before is not None else Previous()
     verdict = evaluate(policy, context(rows, columns, slot, previous))
     outcome = decide(policy, verdict, slot, before, at)
-    kept = [dict(r) for r in rows[:ROWS_KEPT]]
+    kept = kept_rows(rows)
     return Evaluation(
         report,
         slot,
@@ -302,12 +304,24 @@ def evaluation(
         verdict.value,
         kept,
         len(rows),
-        len(rows) > ROWS_KEPT,
+        len(kept) < len(rows),
         outcome.decision,
         outcome.reason,
         outcome.held_since,
         outcome.last_alert,
     )
+
+
+def kept_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The first of ROWS, up to ROWS_KEPT rows and ROWS_KEPT_BYTES of JSON: what `previous.rows` keeps."""
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for row in rows[:ROWS_KEPT]:
+        size += len(to_json(dict(row)))
+        if size > ROWS_KEPT_BYTES:
+            break
+        kept.append(dict(row))
+    return kept
 
 
 def template_context(found: Evaluation, before: Evaluation | None) -> dict[str, Any]:
@@ -329,7 +343,7 @@ def template_context(found: Evaluation, before: Evaluation | None) -> dict[str, 
 
 def to_json(value: Any) -> str:
     """VALUE as the ledger keeps it: numbers stay numbers (Decimal as float), dates become ISO text."""
-    return json.dumps(value, default=_plain, ensure_ascii=False, allow_nan=False)
+    return json.dumps(value, default=_plain, ensure_ascii=False)
 
 
 def _plain(value: Any) -> Any:

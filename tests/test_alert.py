@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -180,6 +181,9 @@ def test_previous_carries_the_last_evaluation_and_is_falsy_before_the_first() ->
     many = [{"n": i} for i in range(alert.ROWS_KEPT + 5)]
     capped = alert.evaluation("r", Policy("rows"), T0, many, ["n"], None).as_previous()
     assert capped.capped and capped.row_count == alert.ROWS_KEPT + 5 and len(capped.rows) == alert.ROWS_KEPT
+    wide = [{"text": "x" * 100_000} for _ in range(5)]
+    kept = alert.evaluation("r", Policy("rows"), T0, wide, ["text"], None).as_previous()
+    assert kept.capped and kept.row_count == 5 and len(kept.rows) == 2
 
 
 def test_templates_see_the_alert_and_the_value() -> None:
@@ -193,3 +197,4 @@ def test_templates_see_the_alert_and_the_value() -> None:
 
 def test_values_are_kept_as_json_numbers_dates_as_text() -> None:
     assert alert.from_json(alert.to_json({"a": Decimal("1.5"), "d": T0, "l": (1, 2)})) == {"a": 1.5, "d": T0.isoformat(), "l": [1, 2]}
+    assert math.isnan(alert.from_json(alert.to_json(float("nan"))))
