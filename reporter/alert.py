@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -322,6 +322,18 @@ def kept_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             break
         kept.append(dict(row))
     return kept
+
+
+def email_spec(report: Report, found: Evaluation) -> Report:
+    """REPORT as the email of decision FOUND renders it: a recovered email with its own subject and templates."""
+    if found.decision != RECOVERED or report.recovered is None:
+        return report
+    return report.model_copy(update={k: v for k, v in report.recovered.model_dump().items() if v is not None})
+
+
+def slot_label(slot: datetime, zone: tzinfo) -> str:
+    """A slot as a reason names it: in the report's zone, to the minute."""
+    return slot.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
 
 
 def template_context(found: Evaluation, before: Evaluation | None) -> dict[str, Any]:

@@ -245,7 +245,6 @@ def _preview_alert(obj: Context, report: str, at: datetime, data: Table) -> tupl
     import sqlalchemy as sa
 
     from reporter import alert
-    from reporter.deliver import alert_spec, slot_label
     from reporter.ledger import Ledger, make_engine
 
     config = obj.config()
@@ -265,7 +264,7 @@ def _preview_alert(obj: Context, report: str, at: datetime, data: Table) -> tupl
             ledger.dispose()
     zone = config.zone(spec)
     try:
-        found = alert.evaluation(report, policy, at, data.dicts(), data.columns, before, at=lambda s: slot_label(s, zone))
+        found = alert.evaluation(report, policy, at, data.dicts(), data.columns, before, at=lambda s: alert.slot_label(s, zone))
     except alert.ConditionError as exc:
         fail(f"{exc} (a slot would fail like this, and its owners be told)")
     would: dict[str, str] = {alert.SEND: "would send", alert.RECOVERED: "would send the recovered email", alert.NOT_SENT: "would not send"}
@@ -276,7 +275,7 @@ def _preview_alert(obj: Context, report: str, at: datetime, data: Table) -> tupl
         said += f"\n         this slot already ran and decided: {recorded.reason}"
     if policy.value is not None:
         said += f"\nvalue:   {policy.value} → {alert.show(found.value)}"
-    return alert.template_context(found, before), said, alert_spec(spec, found)
+    return alert.template_context(found, before), said, alert.email_spec(spec, found)
 
 
 @cli.command()

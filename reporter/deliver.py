@@ -10,14 +10,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime
 from email.utils import parseaddr
 from types import TracebackType
 from typing import Any
 
 from reporter import alert
 from reporter.audience import Audience, Envelope, audience, envelopes
-from reporter.config import Recovered, Report
+from reporter.config import Report
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
 from reporter.ledger import Ledger
 from reporter.mail import MessageFactory, Transport, list_headers, message_id
@@ -273,24 +273,12 @@ def render_alert(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
     table = rt.renderer.fetch(name, slot)
     zone = rt.config.zone(report)
     found, before = alert.judge(
-        rt.ledger, name, alert.Policy.of(report), slot, table.dicts(), table.columns, at=lambda s: slot_label(s, zone)
+        rt.ledger, name, alert.Policy.of(report), slot, table.dicts(), table.columns, at=lambda s: alert.slot_label(s, zone)
     )
     if found.decision == alert.NOT_SENT:
         held.not_sent(held.pending, found.reason)
         return None
-    return rt.renderer.render_table(name, slot, table, extra=alert.template_context(found, before), spec=alert_spec(report, found))
-
-
-def alert_spec(report: Report, found: alert.Evaluation) -> Report:
-    """REPORT as the email of decision FOUND renders it: a recovered email's own subject and templates."""
-    if found.decision != alert.RECOVERED or not isinstance(report.recovered, Recovered):
-        return report
-    return report.model_copy(update={k: v for k, v in report.recovered.model_dump().items() if v is not None})
-
-
-def slot_label(slot: datetime, zone: tzinfo) -> str:
-    """A slot as a reason names it: in the report's zone, to the minute."""
-    return slot.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    return rt.renderer.render_table(name, slot, table, extra=alert.template_context(found, before), spec=alert.email_spec(report, found))
 
 
 def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mailing, index: int) -> bool:
