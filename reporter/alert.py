@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -91,6 +92,19 @@ def expression_problem(source: str) -> str | None:
     except jinja2.TemplateSyntaxError as exc:
         return f"expression syntax error: {exc.message}"
     return None
+
+
+NAMES = ("rows", "row_count", "columns", "slot", "previous", "value")
+"""What `when:` sees; `value:` sees the same but `value`."""
+
+
+def names_used(source: str) -> set[str]:
+    """The names expression SOURCE reads (`previous.value` reads `previous`; Jinja's own globals such as
+    `range` aside); empty if it does not parse."""
+    try:
+        return set(jinja2.meta.find_undeclared_variables(_env.parse("{{ " + source + " }}"))) - set(_env.globals)
+    except jinja2.TemplateSyntaxError:
+        return set()
 
 
 def compile_expression(source: str) -> jinja2.environment.TemplateExpression:

@@ -34,7 +34,8 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from reporter import defaults as dflt
-from reporter.alert import expression_problem, parse_duration
+from reporter.alert import NAMES as ALERT_NAMES
+from reporter.alert import expression_problem, names_used, parse_duration
 from reporter.errors import ConfigError, Problem
 from reporter.schedule import cron_problem
 from reporter.yamldoc import Path_, read_yaml
@@ -698,6 +699,12 @@ def _check_alert(report: dict[str, Any], loc: Path_, bad: Any, templates: Mappin
             if key in report:
                 bad((*loc, key), f"'{key}' is an alert option and needs 'when:' (the condition) on the report")
         return
+    for key in ("when", "value"):
+        source = report.get(key)
+        known = [n for n in ALERT_NAMES if n != "value" or (key == "when" and report.get("value") is not None)]
+        for name in sorted(names_used(source) - set(known)) if isinstance(source, str) else ():
+            hint = " (declare it with 'value:')" if name == "value" else _did_you_mean(name, known)
+            bad((*loc, key), f"unknown name {name!r}{hint}; an alert's expressions see {', '.join(known)}")
     if report.get("renotify_after") is not None and report.get("notify", "each") != "change":
         bad(
             (*loc, "renotify_after"),

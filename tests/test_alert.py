@@ -96,6 +96,20 @@ def test_expression_problems(source: str, problem: str | None) -> None:
     assert (found is None) if problem is None else (found is not None and problem in found), found
 
 
+@pytest.mark.parametrize(
+    ("source", "names"),
+    [
+        ("rows | length > 0", {"rows"}),
+        ("value != previous.value", {"value", "previous"}),
+        ("row_count in range(1, 5)", {"row_count"}),
+        ("rows | selectattr('amount', 'gt', limit) | list", {"rows", "limit"}),
+        ("rows |", set()),
+    ],
+)
+def test_names_used(source: str, names: set[str]) -> None:
+    assert alert.names_used(source) == names
+
+
 # --------------------------------------------------------------------------- durations
 
 

@@ -16,6 +16,19 @@ CASES = [
     ("when-syntax", "    when: 'rows | length >'\n", [(7, "reports.r1.when", "expression syntax error: unexpected 'end of template'")]),
     ("when-braces", "    when: '{{ rows | length > 0 }}'\n", [(7, "reports.r1.when", "write the expression without {{ }}")]),
     ("value-syntax", "    when: value > 0\n    value: 'rows | sum(attribute='\n", [(8, "reports.r1.value", "expression syntax error")]),
+    (
+        "when-unknown-name",
+        "    when: rowz | length > 0\n",
+        [
+            (
+                7,
+                "reports.r1.when",
+                "unknown name 'rowz' (did you mean 'rows'?); an alert's expressions see rows, row_count, columns, slot, previous",
+            )
+        ],
+    ),
+    ("when-value-undeclared", "    when: value > 3\n", [(7, "reports.r1.when", "unknown name 'value' (declare it with 'value:')")]),
+    ("value-reads-itself", "    when: value > 3\n    value: value + 1\n", [(8, "reports.r1.value", "unknown name 'value'")]),
     ("value-without-when", "    value: rows | length\n", [(7, "reports.r1.value", "'value' is an alert option and needs 'when:'")]),
     ("notify-without-when", "    notify: change\n", [(7, "reports.r1.notify", "'notify' is an alert option and needs 'when:'")]),
     ("renotify-without-when", "    renotify_after: 24h\n", [(7, "reports.r1.renotify_after", "needs 'when:'")]),
