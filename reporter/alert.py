@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -33,6 +33,9 @@ SEND: Decision = "send"
 RECOVERED: Decision = "recovered"
 NOT_SENT: Decision = "not-sent"
 """The decisions: send the alert, send the one recovered email, send nothing (the reason says why)."""
+
+SlotText = Callable[[datetime], str]
+"""How a reason writes a slot (`slot_label` in the report's zone; ISO by default)."""
 
 ROWS_KEPT = 1000
 """Rows of an evaluation kept for the next slot's `previous.rows`; `previous.capped` says when there were more."""
@@ -271,11 +274,11 @@ class Outcome:
     last_alert: datetime | None
 
 
-def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation | None, at: Any = None) -> Outcome:
+def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation | None, at: SlotText | None = None) -> Outcome:
     """The decision for SLOT, given POLICY, its VERDICT and BEFORE (the previous evaluation, which carries
     when the current run of holding slots began and when it last sent). AT formats a slot for a reason
     (default: ISO in UTC)."""
-    when = at or (lambda s: s.isoformat())
+    when: SlotText = at or (lambda s: s.isoformat())
     was_held = before is not None and before.held
     if verdict.held:
         if policy.notify == "each" or not was_held:
@@ -304,7 +307,7 @@ def evaluation(
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str],
     before: Evaluation | None,
-    at: Any = None,
+    at: SlotText | None = None,
 ) -> Evaluation:
     """SLOT of REPORT evaluated and decided (pure): what the ledger records. ConditionError if it cannot be."""
     previous = before.as_previous() if before is not None else Previous()
@@ -408,7 +411,7 @@ def judge(
     slot: datetime,
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str],
-    at: Any = None,
+    at: SlotText | None = None,
 ) -> tuple[Evaluation, Evaluation | None]:
     """(this slot's evaluation, the one before it): the recorded one if there is one, else evaluated now
     and recorded unless another execution recorded first (then that one wins). ConditionError, recording
