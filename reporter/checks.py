@@ -90,6 +90,16 @@ def content_problems(draft: Draft) -> list[Problem]:
                 declared = tuple(str(c) for c in charts) if isinstance(charts, dict) else ()
                 for file, line, why in templates.file(template, html=html, charts=declared):
                     bad((*loc, key), why, file, line)
+        recovered = report.get("recovered")
+        if isinstance(recovered, dict):  # an alert's recovered email may have its own subject and templates
+            if isinstance(recovered.get("subject"), str) and (why := subject_problem(recovered["subject"])):
+                bad((*loc, "recovered", "subject"), why)
+            for key, html in (("template", True), ("text_template", False)):
+                if isinstance(template := recovered.get(key), str):
+                    charts = report.get("charts")
+                    declared = tuple(str(c) for c in charts) if isinstance(charts, dict) else ()
+                    for file, line, why in templates.file(template, html=html, charts=declared):
+                        bad((*loc, "recovered", key), why, file, line)
         query = report.get("query")
         params = query.get("params") if isinstance(query, dict) else None
         if isinstance(params, dict):

@@ -24,6 +24,8 @@ from reporter.settings import Settings, mask_url
 
 if TYPE_CHECKING:  # the commands import these when they run, so that `reporter --help` starts fast
     from reporter.config import Config
+    from reporter.config import Report as ReportSpec
+    from reporter.data import Table
     from reporter.ledger import Row
     from reporter.runtime import Runtime
     from reporter.status import Check
@@ -211,8 +213,9 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
     zone = config.zone(spec)
     at = parse_slot(slot, zone) or latest_fire(spec.schedule, zone, datetime.now(UTC))
     renderer = Renderer(config)
-    table_ = renderer.datasources.fetch(report, spec, at.astimezone(zone), renderer.meta(report))
-    rendered = renderer.render_table(report, at, table_)
+    table_ = renderer.fetch(report, at)
+    extra, said, variant = _preview_alert(obj, report, at, table_) if spec.when is not None else (None, None, spec)
+    rendered = renderer.render_table(report, at, table_, extra=extra, spec=variant)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{report}-{at.astimezone(zone).strftime('%Y-%m-%d_%H%M')}"
     # The files show the charts inline (SVG data: URLs); the email carries them as cid: PNG parts.
@@ -226,11 +229,53 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
     }
     click.echo(f"subject: {rendered.subject}")
     click.echo(f"slot:    {at.astimezone(zone).isoformat()} ({rendered.row_count} rows)")
+    if said is not None:
+        click.echo(f"when:    {said}")
     for suffix, content in files.items():
         path = stem.with_suffix(suffix)
         path.write_bytes(content)
         attached = "" if suffix in (".txt",) or suffix[1:] in spec.formats else "  (not in this report's formats)"
         click.echo(f"wrote   {path} ({len(content):,} bytes){attached}")
+
+
+def _preview_alert(obj: Context, report: str, at: datetime, data: Table) -> tuple[dict[str, object], str, ReportSpec]:
+    """What an alert report's condition says for slot AT and what its slot would do, read-only: the
+    decision now, against the ledger's previous evaluation (and the slot's recorded decision, if it
+    ran). Never records anything, nor creates a ledger that is not there."""
+    import sqlalchemy as sa
+
+    from reporter import alert
+    from reporter.ledger import Ledger, make_engine
+
+    config = obj.config()
+    spec = config.report(report)
+    policy = alert.Policy.of(spec)
+    before = recorded = None
+    history = "; no ledger to read earlier slots from"
+    url = sa.make_url(obj.settings.database_url)
+    if url.get_backend_name() != "sqlite" or (url.database and Path(url.database).is_file()):
+        ledger = Ledger(make_engine(obj.settings.database_url))
+        try:
+            recorded, before = ledger.evaluation(report, at), ledger.previous_evaluation(report, at)
+            history = ""
+        except SQLAlchemyError:
+            pass  # unreachable, or a ledger from before alerts: decide as for a first slot
+        finally:
+            ledger.dispose()
+    zone = config.zone(spec)
+    try:
+        found = alert.evaluation(report, policy, at, data.dicts(), data.columns, before, at=lambda s: alert.slot_label(s, zone))
+    except alert.ConditionError as exc:
+        fail(f"{exc} (a slot would fail like this, and its owners be told)")
+    would: dict[str, str] = {alert.SEND: "would send", alert.RECOVERED: "would send the recovered email", alert.NOT_SENT: "would not send"}
+    said = f"{policy.when} → {found.held} ({would[found.decision]}; notify {policy.notify}{history})"
+    if found.decision == alert.NOT_SENT:
+        said += f"\n         {found.reason}"
+    if recorded is not None:
+        said += f"\n         this slot already ran and decided: {recorded.reason}"
+    if policy.value is not None:
+        said += f"\nvalue:   {policy.value} → {alert.show(found.value)}"
+    return alert.template_context(found, before), said, alert.email_spec(spec, found)
 
 
 @cli.command()
@@ -279,6 +324,9 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     else:
         _send_async(rt, report, at, list(to), wait)
     rows = {r.recipient: r for r in rt.ledger.rows(report=report, slot=at)}
+    decided = rt.ledger.evaluation(report, at) if spec.when is not None else None
+    if decided is not None:
+        click.echo(f"when: {decided.reason}", err=True)
     failed = False
     already = 0
     for key in targets:
@@ -388,7 +436,7 @@ def history(obj: Context, report: str | None, status: str | None, limit: int, up
                     r.duration_ms,
                     r.size_bytes,
                     r.config_version,
-                    (r.error or r.message_id or "").replace("\n", " ")[:100],
+                    (r.error or r.message_id or "").replace("\n", " ")[:200],
                 ]
                 for r in rows
             ],

@@ -34,6 +34,8 @@ from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from reporter import defaults as dflt
+from reporter.alert import NAMES as ALERT_NAMES
+from reporter.alert import expression_problem, names_used, parse_duration
 from reporter.errors import ConfigError, Problem
 from reporter.schedule import cron_problem
 from reporter.yamldoc import Path_, read_yaml
@@ -153,6 +155,16 @@ def _non_empty(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _valid_expression(value: str) -> str:
+    if (why := expression_problem(value)) is not None:
+        raise ValueError(why)
+    return value
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
 Cron = Annotated[str, AfterValidator(_valid_cron)]
 Zone = Annotated[str, AfterValidator(_valid_zone)]
 Address = Annotated[str, AfterValidator(_valid_address)]
@@ -162,6 +174,9 @@ Rows = Annotated[int, Field(gt=0)]
 Bytes = Annotated[int, Field(gt=0), BeforeValidator(_byte_size)]
 Seconds = Annotated[float, Field(gt=0)]
 HttpsUrl = Annotated[str, AfterValidator(_valid_unsubscribe_url)]
+Expression = Annotated[str, AfterValidator(_valid_expression)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+"""'30m', '24h', '2d', '1h30m' or a number of seconds, as seconds."""
 
 
 class Defaults(_Model):
@@ -260,6 +275,23 @@ class Chart(_Model):
     """A whole Vega-Lite spec (without data) for anything the simple keys do not cover."""
 
 
+class Recovered(_Model):
+    """The email an alert sends once when its condition stops holding; unset keys are the report's own."""
+
+    subject: str | None = None
+    template: str | None = None
+    text_template: str | None = None
+
+
+def _recovered(value: Any) -> Any:
+    """`recovered: true` is the report's own subject and templates; false is none; a mapping is left to Recovered."""
+    if isinstance(value, bool):
+        return {} if value else None
+    if value is None or isinstance(value, dict):
+        return value
+    raise ValueError(f"must be true, false or a mapping with subject, template or text_template, not {value!r}")
+
+
 class Report(_Model):
     schedule: Cron
     timezone: Zone | None = None
@@ -286,6 +318,14 @@ class Report(_Model):
     csv_bom: bool | None = None
     unsubscribe_url: HttpsUrl | None = None
     charts: dict[str, Chart] = Field(default_factory=dict)
+    when: Expression | None = None
+    """An alert: send a slot only where this expression over `rows` holds (reporter/alert.py)."""
+    value: Expression | None = None
+    """A scalar over `rows` that the condition and templates see as `value`, the next slot as `previous.value`."""
+    notify: Literal["each", "change"] = "each"
+    renotify_after: Duration | None = None
+    recovered: Annotated[Recovered | None, BeforeValidator(_recovered)] = None
+    """true (or a mapping with its own subject and templates): one email when the condition stops holding."""
 
     @field_validator("formats")
     @classmethod
@@ -631,6 +671,7 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path, t
                     )
                 else:
                     bad((*loc, key), f"template {template!r} not found in {templates_dir}")
+        _check_alert(report, loc, bad, templates, templates_dir)
         charts = report.get("charts")
         for chart_name, chart in charts.items() if isinstance(charts, dict) else ():
             _check_chart(chart_name, chart, (*loc, "charts", chart_name), bad)
@@ -645,6 +686,35 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path, t
                 f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})",
             )
     return problems
+
+
+ALERT_OPTIONS = ("value", "notify", "renotify_after", "recovered")
+"""Report keys that only mean something with `when:`."""
+
+
+def _check_alert(report: dict[str, Any], loc: Path_, bad: Any, templates: Mapping[str, str], templates_dir: Path) -> None:
+    """The alert options need `when:`; renotify_after needs notify: change; a recovered template exists."""
+    if report.get("when") is None:
+        for key in ALERT_OPTIONS:
+            if key in report:
+                bad((*loc, key), f"'{key}' is an alert option and needs 'when:' (the condition) on the report")
+        return
+    for key in ("when", "value"):
+        source = report.get(key)
+        known = [n for n in ALERT_NAMES if n != "value" or (key == "when" and report.get("value") is not None)]
+        for name in sorted(names_used(source) - set(known)) if isinstance(source, str) else ():
+            hint = " (declare it with 'value:')" if name == "value" else _did_you_mean(name, known)
+            bad((*loc, key), f"unknown name {name!r}{hint}; an alert's expressions see {', '.join(known)}")
+    if report.get("renotify_after") is not None and report.get("notify", "each") != "change":
+        bad(
+            (*loc, "renotify_after"),
+            "only applies with 'notify: change' (with notify: each every slot where the condition holds is sent)",
+        )
+    recovered = report.get("recovered")
+    for key in ("template", "text_template"):
+        template = recovered.get(key) if isinstance(recovered, dict) else None
+        if isinstance(template, str) and template_key(template) not in templates:
+            bad((*loc, "recovered", key), f"template {template!r} not found in {templates_dir}")
 
 
 def _check_chart(name: Any, chart: Any, loc: Path_, bad: Any) -> None:
@@ -787,6 +857,10 @@ def _model_at(loc: Path_) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+LITERAL_FIELDS: dict[str, tuple[str, ...]] = {"notify": ("each", "change")}
+"""Choice fields other than `formats`, by key: what their error lists."""
+
+
 def _message(err: Any, loc: Path_) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -796,7 +870,8 @@ def _message(err: Any, loc: Path_) -> str:
     if kind == "missing":
         return "is required but missing"
     if kind == "literal_error":
-        return f"{err['input']!r} is not one of {', '.join(get_args(Format))}"
+        allowed = LITERAL_FIELDS.get(str(loc[-1]) if loc else "", get_args(Format))
+        return f"{err['input']!r} is not one of {', '.join(allowed)}"
     if kind in ("model_type", "dict_type"):
         return f"must be a mapping, not {_yaml_type(err['input'])}"
     if kind in ("tuple_type", "list_type"):

@@ -15,6 +15,7 @@ from email.utils import parseaddr
 from types import TracebackType
 from typing import Any
 
+from reporter import alert
 from reporter.audience import Audience, Envelope, audience, envelopes
 from reporter.config import Report
 from reporter.errors import PermanentDeliveryError, RenderError, TransientDeliveryError
@@ -42,6 +43,8 @@ class SendResult:
     """recipient -> transient error; released to be tried again"""
     busy: list[str] = field(default_factory=list)
     """recipients another live execution holds"""
+    not_sent: dict[str, str] = field(default_factory=dict)
+    """recipient -> why this slot sends them nothing (an alert whose condition was false), final"""
     busy_until: datetime | None = None
     rendered: bool = False
 
@@ -55,6 +58,7 @@ class SendResult:
             "failed": len(self.failed),
             "retry": len(self.retry),
             "busy": len(self.busy),
+            "not_sent": len(self.not_sent),
             "rendered": self.rendered,
         }
 
@@ -130,6 +134,11 @@ class ClaimedSlot:
         self.ledger.mark_failed(self.token, self.report, self.slot, recipients, error)
         self._tell(recipients, "failed", error, seconds, msg_id)
 
+    def not_sent(self, recipients: Sequence[str], reason: str) -> None:
+        """RECIPIENTS get nothing for this slot, on purpose, for REASON (final: an alert's decision)."""
+        self.ledger.mark_not_sent(self.token, self.report, self.slot, recipients, reason)
+        self._tell(recipients, "not-sent", reason, 0.0, None)
+
     def retry(self, recipients: Sequence[str], error: str, seconds: float = 0.0, msg_id: str | None = None) -> None:
         """RECIPIENTS' delivery failed with a transient ERROR: hand them back to be tried again."""
         self.ledger.release(self.token, self.report, self.slot, recipients, error)
@@ -157,6 +166,8 @@ class ClaimedSlot:
                 result.sent[recipient] = msg_id or ""
             elif status == "failed":
                 result.failed[recipient] = error or ""
+            elif status == "not-sent":
+                result.not_sent[recipient] = error or ""
             else:
                 result.retry[recipient] = error or ""
             self.observers.delivered(Delivery(self.report, self.slot, recipient, status, seconds, msg_id, size, error))
@@ -231,7 +242,12 @@ def render_once(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
     """HELD's slot rendered once for all its recipients; None if it cannot be (recorded for each)."""
     started = time.monotonic()
     try:
-        rendered = rt.renderer.render(held.report, held.slot)
+        if rt.config.reports[held.report].when is None:
+            rendered = rt.renderer.render(held.report, held.slot)
+        elif (found := render_alert(rt, held)) is not None:
+            rendered = found
+        else:
+            return None
     except RenderError as exc:
         held.failed(held.pending, str(exc))
         return None
@@ -241,6 +257,28 @@ def render_once(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
     held.result.rendered = True
     rt.observers.rendered(held.report, held.slot, time.monotonic() - started, rendered.row_count)
     return rendered
+
+
+def render_alert(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
+    """HELD's slot of an alert report, rendered if its (recorded, else evaluated and recorded) decision
+    sends; None when it sends nothing, recorded `not-sent` with the reason for each recipient. A
+    condition that cannot be evaluated raises ConditionError (a RenderError: failed, owners told); a
+    datasource that is down raises TransientDeliveryError before anything is evaluated or recorded."""
+    name, slot = held.report, held.slot
+    report = rt.config.reports[name]
+    recorded = rt.ledger.evaluation(name, slot)
+    if recorded is not None and recorded.decision == alert.NOT_SENT:
+        held.not_sent(held.pending, recorded.reason)  # decided before: no need to fetch the data again
+        return None
+    table = rt.renderer.fetch(name, slot)
+    zone = rt.config.zone(report)
+    found, before = alert.judge(
+        rt.ledger, name, alert.Policy.of(report), slot, table.dicts(), table.columns, at=lambda s: alert.slot_label(s, zone)
+    )
+    if found.decision == alert.NOT_SENT:
+        held.not_sent(held.pending, found.reason)
+        return None
+    return rt.renderer.render_table(name, slot, table, extra=alert.template_context(found, before), spec=alert.email_spec(report, found))
 
 
 def send_message(rt: Runtime, held: ClaimedSlot, mailer: Transport, mailing: Mailing, index: int) -> bool:

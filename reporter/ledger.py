@@ -22,6 +22,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from reporter.alert import Evaluation, from_json, to_json
+
 QUEUED, RENDERING, SENDING, SENT, FAILED, SKIPPED = "queued", "rendering", "sending", "sent", "failed", "skipped"
 NOT_SENT = "not-sent"
 """Final: decided on purpose that this slot sends nothing to the recipient (an alert whose condition
@@ -122,6 +124,26 @@ leases = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
 )
 """Named leases (beat's leadership when the broker is not Redis): one holder until `expires_at`."""
+
+
+evaluations = sa.Table(
+    "alert_evaluations",
+    metadata,
+    sa.Column("report", sa.String(200), primary_key=True),
+    sa.Column("slot", UTCDateTime, primary_key=True),
+    sa.Column("held", sa.Boolean, nullable=False),
+    sa.Column("value", sa.Text),
+    sa.Column("rows", sa.Text, nullable=False),
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("capped", sa.Boolean, nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("held_since", UTCDateTime),
+    sa.Column("last_alert", UTCDateTime),
+    sa.Column("evaluated_at", UTCDateTime, nullable=False),
+)
+"""The first evaluation of each alert slot (reporter/alert.py): that slot's truth for every later
+execution, and the next slot's `previous`. Values and rows are JSON (rows capped at alert.ROWS_KEPT)."""
 
 
 @dataclass(frozen=True)
@@ -463,6 +485,10 @@ class Ledger:
     def mark_failed(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
         return self._update(token, report, slot, recipients, status=FAILED, error=error[:4000])
 
+    def mark_not_sent(self, token: str, report: str, slot: datetime, recipients: Sequence[str], reason: str) -> int:
+        """Record claimed RECIPIENTS as `not-sent` (final) on purpose, with REASON (an alert's decision)."""
+        return self._update(token, report, slot, recipients, status=NOT_SENT, error=reason[:4000])
+
     def release(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
         """Give the rows back (queued) after a transient failure, keeping the error for history."""
         return self._update(token, report, slot, recipients, status=QUEUED, error=error[:4000], claim_token=None, claimed_at=None)
@@ -641,6 +667,54 @@ class Ledger:
             found = conn.execute(sa.select(config_versions.c.source).where(config_versions.c.version == version)).scalar()
         return None if found is None else str(found)
 
+    def record_evaluation(self, found: Evaluation) -> Evaluation:
+        """Record FOUND unless (report, slot) already has an evaluation; return the one recorded first.
+
+        Insert-if-absent on the primary key: of two executions evaluating one slot at once, one
+        insert wins and both go on with its decision."""
+        row = {
+            "report": found.report,
+            "slot": found.slot,
+            "held": found.held,
+            "value": to_json(found.value),
+            "rows": to_json(found.rows),
+            "row_count": found.row_count,
+            "capped": found.capped,
+            "decision": found.decision,
+            "reason": found.reason,
+            "held_since": found.held_since,
+            "last_alert": found.last_alert,
+            "evaluated_at": now(),
+        }
+        with self.engine.begin() as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(evaluations.insert().values(row))
+            except IntegrityError:
+                pass  # recorded before (a retry, a redelivery) or by a concurrent execution: that one stands
+        recorded = self.evaluation(found.report, found.slot)
+        assert recorded is not None
+        return recorded
+
+    def evaluation(self, report: str, slot: datetime) -> Evaluation | None:
+        """The recorded evaluation of (REPORT, SLOT), or None."""
+        query = sa.select(evaluations).where((evaluations.c.report == report) & (evaluations.c.slot == slot))
+        with self.engine.connect() as conn:
+            found = conn.execute(query).first()
+        return None if found is None else _evaluation(found)
+
+    def previous_evaluation(self, report: str, before: datetime) -> Evaluation | None:
+        """The latest recorded evaluation of REPORT for a slot before BEFORE, or None."""
+        query = (
+            sa.select(evaluations)
+            .where((evaluations.c.report == report) & (evaluations.c.slot < before))
+            .order_by(evaluations.c.slot.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            found = conn.execute(query).first()
+        return None if found is None else _evaluation(found)
+
     def marks(self) -> dict[str, datetime]:
         """Each report's dispatch watermark."""
         with self.engine.connect() as conn:
@@ -653,6 +727,10 @@ class Ledger:
             result = conn.execute(deliveries.delete().where((deliveries.c.created_at < older_than) & deliveries.c.status.in_(FINAL)))
             used = sa.select(deliveries.c.config_version).where(deliveries.c.config_version.is_not(None))
             conn.execute(config_versions.delete().where((config_versions.c.seen_at < older_than) & config_versions.c.version.not_in(used)))
+            # An alert's latest evaluation stays, however old: the next slot's `previous` (notify: change).
+            newer = evaluations.alias("newer")
+            later = sa.exists().where((newer.c.report == evaluations.c.report) & (newer.c.slot > evaluations.c.slot))
+            conn.execute(evaluations.delete().where((evaluations.c.evaluated_at < older_than) & later))
             return result.rowcount or 0
 
     # ----------------------------------------------------------------- reading
@@ -708,3 +786,20 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _evaluation(row: Any) -> Evaluation:
+    return Evaluation(
+        report=row.report,
+        slot=row.slot,
+        held=bool(row.held),
+        value=from_json(row.value),
+        rows=from_json(row.rows),
+        row_count=row.row_count,
+        capped=bool(row.capped),
+        decision=row.decision,
+        reason=row.reason,
+        held_since=row.held_since,
+        last_alert=row.last_alert,
+        evaluated_at=row.evaluated_at,
+    )

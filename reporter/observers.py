@@ -29,7 +29,7 @@ class Delivery:
     slot: datetime
     recipient: str
     status: str
-    """sent, failed (for good) or retry (handed back for another attempt)"""
+    """sent, failed (for good), retry (handed back for another attempt) or not-sent (an alert decided so)"""
     seconds: float
     message_id: str | None
     size: int | None

@@ -158,14 +158,21 @@ class Renderer:
 
     def render(self, name: str, slot_utc: datetime) -> Rendered:
         """Fetch the data and render every part of report NAME for SLOT_UTC."""
+        return self.render_table(name, slot_utc, self.fetch(name, slot_utc))
+
+    def fetch(self, name: str, slot_utc: datetime) -> Table:
+        """The data of report NAME for SLOT_UTC (its query or function, run with the slot in the report's zone)."""
         report = self.config.reports[name]
         slot_local = slot_utc.astimezone(self.config.zone(report))
-        table = self.datasources.fetch(name, report, slot_local, self.meta(name))
-        return self.render_table(name, slot_utc, table)
+        return self.datasources.fetch(name, report, slot_local, self.meta(name))
 
-    def render_table(self, name: str, slot_utc: datetime, table: Table) -> Rendered:
-        """Render every part of report NAME from TABLE, within the report's row and size limits."""
-        report = self.config.reports[name]
+    def render_table(
+        self, name: str, slot_utc: datetime, table: Table, extra: Mapping[str, Any] | None = None, spec: Report | None = None
+    ) -> Rendered:
+        """Render every part of report NAME from TABLE, within the report's row and size limits. EXTRA is
+        merged into what the templates see (an alert's `alert` and `value`); SPEC renders a variant of
+        the report (an alert's recovered email, with its own subject and templates)."""
+        report = spec or self.config.reports[name]
         max_rows, max_bytes = self.config.max_rows_of(report), self.config.attachment_cap_of(report)
         notes: list[str] = []
         data = self._csv(table, self.config.csv_bom_of(report)) if "csv" in report.formats else None
@@ -184,6 +191,7 @@ class Renderer:
             all_in_csv = f"; the attached {full} has all of them." if full else "."
             notes.insert(0, f"Showing the first {max_rows:,} of {len(table.rows):,} rows{all_in_csv}")
         ctx = self.context(name, slot_utc, table, shown, notes)
+        ctx.update(extra or {})
         # Charts are drawn once, over every row, before any template places them.
         drawn = {key: charts_mod.render(name, key, chart, ctx["all_rows"]) for key, chart in report.charts.items()}
         ctx["charts"] = drawn

@@ -257,7 +257,7 @@ def test_send_slot_sends_each_recipient_once_and_a_second_run_finds_them_sent(
     again = send_slot(rt, "regional", SLOT)
     assert first.as_dict() == {
         **{"report": "regional", "slot": "2026-03-02T07:00:00Z", "rendered": True},
-        **{"sent": 3, "already": 0, "failed": 0, "retry": 0, "busy": 0},
+        **{"sent": 3, "already": 0, "failed": 0, "retry": 0, "busy": 0, "not_sent": 0},
     }
     assert again.as_dict()["already"] == 3 and again.as_dict()["sent"] == 0 and not again.rendered
     assert delivered_to(outbox) == [ANN, BEN, CY]
