@@ -156,14 +156,14 @@ class Renderer:
             "formats": list(report.formats),
         }
 
-    def render(self, name: str, slot_utc: datetime) -> Rendered:
-        """Fetch the data and render every part of report NAME for SLOT_UTC."""
+    def render(self, name: str, slot_utc: datetime, reader: Mapping[str, Any] | None = None) -> Rendered:
+        """Fetch the data and render every part of report NAME for SLOT_UTC (a burst report's: READER's slice)."""
         report = self.config.reports[name]
         slot_local = slot_utc.astimezone(self.config.zone(report))
-        table = self.datasources.fetch(name, report, slot_local, self.meta(name))
-        return self.render_table(name, slot_utc, table)
+        table = self.datasources.fetch(name, report, slot_local, self.meta(name), reader)
+        return self.render_table(name, slot_utc, table, reader=reader)
 
-    def render_table(self, name: str, slot_utc: datetime, table: Table) -> Rendered:
+    def render_table(self, name: str, slot_utc: datetime, table: Table, reader: Mapping[str, Any] | None = None) -> Rendered:
         """Render every part of report NAME from TABLE, within the report's row and size limits."""
         report = self.config.reports[name]
         max_rows, max_bytes = self.config.max_rows_of(report), self.config.attachment_cap_of(report)
@@ -184,6 +184,8 @@ class Renderer:
             all_in_csv = f"; the attached {full} has all of them." if full else "."
             notes.insert(0, f"Showing the first {max_rows:,} of {len(table.rows):,} rows{all_in_csv}")
         ctx = self.context(name, slot_utc, table, shown, notes)
+        if reader is not None:
+            ctx["reader"] = dict(reader)  # a burst reader's address and parameters
         # Charts are drawn once, over every row, before any template places them.
         drawn = {key: charts_mod.render(name, key, chart, ctx["all_rows"]) for key, chart in report.charts.items()}
         ctx["charts"] = drawn
