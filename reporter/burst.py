@@ -42,6 +42,7 @@ from reporter.data import Table
 from reporter.deliver import ClaimedSlot, Mailing, SendResult, send_message
 from reporter.errors import RenderError, TransientDeliveryError
 from reporter.ledger import FINAL
+from reporter.observers import Delivery
 from reporter.render import Rendered, Renderer
 from reporter.runtime import Runtime
 
@@ -326,6 +327,7 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
         # Only rows this planning recorded: a second planning does not tell the owners again.
         for key in rt.ledger.record_failed(name, slot, errors, trigger):
             result.failed[key] = errors[key]
+            rt.observers.delivered(Delivery(name, slot, key, "failed", 0.0, None, None, errors[key]))
         rt.ledger.ensure_readers(name, slot, {r.key: r.stored() for r in found}, trigger)
         statuses = rt.ledger.statuses(name, slot)
         todo = [r for r in found if statuses.get(r.key) not in FINAL]

@@ -12,6 +12,7 @@ import email.policy
 import io
 import json
 import mailbox
+import textwrap
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -607,3 +608,37 @@ def test_preview_renders_the_first_readers_slice_or_the_one_asked_for(
     nobody = run_cli(*args, "--as", "nobody@example.com", env=shipped_env, cwd=shipped_copy)
     assert nobody.returncode == 1 and "nobody@example.com is not a reader of sales-by-region (5 readers, e.g. " in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+def test_a_burst_of_data_functions_gives_each_reader_their_rows(ledger: Ledger, tmp_path: Path) -> None:
+    root = make_burst_project(tmp_path, ["a@example.com"])
+    module = f"burstdata_{tmp_path.name.replace('-', '_')}"
+    (root / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            def readers(slot, report):
+                return [{"to": "ann@example.com", "team": "red"}, {"to": "ben@example.com", "team": "blue"}, {"to": "", "team": "x"}]
+
+            def rows(slot, report, reader):
+                return [{"region": reader["team"], "amount": 1.5 if reader["team"] == "red" else 2.5}]
+            """
+        )
+    )
+    config = (root / "schedules.yaml").read_text()
+    config = config.replace('      query: {datasource: warehouse, sql: "select address, region from readers order by id"}\n', "")
+    config = config.replace("    burst:\n", f"    burst:\n      function: {module}:readers\n      address: to\n")
+    config = config.replace(
+        '    query:\n      datasource: warehouse\n      sql: "select region, amount from sales where region = :region"\n',
+        f"    function: {module}:rows\n",
+    )
+    (root / "templates" / "region.html").write_text("<p>{{ reader.team }} for {{ reader.address }}: {{ rows[0].amount }}</p>")
+    (root / "schedules.yaml").write_text(config.replace("{{ reader.region }}", "{{ reader.team }}"))
+    rt = runtime_on(root, ledger)
+    pieces: list[Piece] = []
+    planned = burst.send_burst(rt, "regional", SLOT, None, enqueue=pieces.append)
+    assert planned.failed == {"(burst row 3)": "burst row 3: no address in column 'to'"}
+    for piece in pieces:
+        burst.send_piece(rt, "regional", SLOT, piece.keys)
+    bodies = {str(m["To"]): (str(m["Subject"]), m.get_body(("html",)).get_content()) for m in received(root / "outbox")}  # type: ignore[union-attr]
+    assert bodies["ann@example.com"][0] == "red sales 02" and "red for ann@example.com: 1.5" in bodies["ann@example.com"][1]
+    assert bodies["ben@example.com"][0] == "blue sales 02" and "blue for ben@example.com: 2.5" in bodies["ben@example.com"][1]
