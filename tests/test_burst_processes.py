@@ -18,7 +18,7 @@ from reporter.audience import BURST_KEY
 from reporter.ledger import Ledger, Row
 from reporter.runner import free_port
 from reporter.schedule import isoformat
-from tests.conftest import Worker, serving, wait_until
+from tests.conftest import Inbox, Worker, run_cli, serving, wait_until
 from tests.test_burst import REGIONS, amount_of, env_for, make_burst_project, pdf_text
 from tests.test_reliability import TimedInbox, children, delivered, dispatch_past_days
 
@@ -112,3 +112,34 @@ def test_a_burst_of_50_readers_across_two_workers_with_sigkills_reaches_each_rea
     assert planning.status == "planned" and (planning.error or "").startswith("50 readers in "), planning
     assert until > slot
     ledger.dispose()
+
+
+@pytest.mark.slow(minutes=1)
+def test_send_through_the_workers_plans_and_prints_every_row_of_the_burst(
+    tmp_path: Path, fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
+) -> None:
+    addresses: list[str | None] = ["a@example.com", "b@example.com", "nope", "c@example.com"]
+    # 2 emails a second and a 2 s soft limit: pieces of 2 readers, 1 s apart.
+    root = make_burst_project(tmp_path / "p", addresses, rate="2/s", soft=2, hard=10)
+    env = env_for(root, REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
+    start_worker(env, concurrency=2)
+    done = run_cli("send", "regional", "--slot", "2026-03-02T07:00", "--wait", "60", env=env, cwd=root)
+    assert done.returncode == 2, done.stderr  # the malformed row failed
+    assert [line.split("\t")[:2] for line in done.stdout.splitlines()] == [
+        [BURST_KEY, "planned"],
+        ["a@example.com", "sent"],
+        ["b@example.com", "sent"],
+        ["c@example.com", "sent"],
+        ["(burst row 3)", "failed"],
+    ], done.stdout
+    assert "3 readers in 2 piece(s); 1 malformed row(s)" in done.stdout
+    assert sorted(rcpt for _, rcpts in inbox.envelopes for rcpt in rcpts if rcpt != "owner@example.com") == [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+    ]
+    # One reader's slice to someone else, through the workers too.
+    other = run_cli("send", "regional", "--slot", "2026-03-02T07:00", "--to", "x@example.org", "--as", "b@example.com", env=env, cwd=root)
+    assert other.returncode == 0 and other.stdout.startswith("x@example.org\tsent\t"), other.stderr
+    [msg] = inbox.to("x@example.org")
+    assert msg["Subject"] == "South sales 02" and amount_of("South") in pdf_text(msg)
