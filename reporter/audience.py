@@ -69,7 +69,8 @@ def audience(report: Report, only: Sequence[str] | None = None) -> Audience:
         # The planning row, or readers' keys (a piece, a retry, `send --to`): every one a To.
         if only is None:
             return Audience({BURST_KEY: BURST_KEY}, {}, {})
-        return Audience({a if a == BURST_KEY else key_of(a): a if a == BURST_KEY else normalize_address(a) for a in only}, {}, {})
+        planning = {BURST_KEY: BURST_KEY} if BURST_KEY in only else {}
+        return Audience(planning | {key_of(a): normalize_address(a) for a in only if a != BURST_KEY}, {}, {})
     taken: set[str] = set()
     full = Audience(_keyed(report.recipients, taken), _keyed(report.cc, taken), _keyed(report.bcc, taken))
     if only is None:

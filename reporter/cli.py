@@ -335,10 +335,13 @@ def _send_burst(rt: Runtime, report: str, at: datetime, to: list[str], as_: str 
     reader. Returns the ledger keys to print."""
     from reporter import burst, deliver
     from reporter.audience import key_of
+    from reporter.mail import destination
     from reporter.notice import notify_owners
 
     if as_ is not None and not to:
         fail("--as needs --to: the address that gets the reader's slice")
+    if sync:
+        click.echo(f"sending {report} for {at.isoformat()} via {destination(rt.settings.smtp_url, rt.settings.outbox)}", err=True)
     results: list[deliver.SendResult] = []
     if to:
         found, _ = burst.readers(rt.renderer, report, at)
