@@ -357,7 +357,9 @@ class Ledger:
             stmt = self._insert_ignore()
             if self.engine.dialect.name in ("sqlite", "postgresql"):
                 return list(conn.execute(stmt.returning(deliveries.c.recipient), values).scalars())
-            before = set(conn.execute(sa.select(deliveries.c.recipient).where(_key(report, slot, list(rows)))).scalars())
+            before: set[str] = set()
+            for batch in _batches(list(rows)):
+                before.update(conn.execute(sa.select(deliveries.c.recipient).where(_key(report, slot, batch))).scalars())
             conn.execute(stmt, values)
             return [k for k in rows if k not in before]
 
