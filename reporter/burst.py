@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -332,8 +332,7 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
         statuses = rt.ledger.statuses(name, slot)
         todo = [r for r in found if statuses.get(r.key) not in FINAL]
         pieces = piece_plan(todo, rt.time_limits(name)[0], rt.config.rate_of(report))
-        for piece in pieces:
-            enqueue(piece)
+        _enqueue_all(rt, name, slot, pieces, enqueue)
         summary = f"{len(found)} readers in {len(pieces)} piece(s)"
         if len(todo) < len(found):
             summary += f" ({len(found) - len(todo)} already done)"
@@ -341,6 +340,28 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
             summary += f"; {len(malformed)} malformed row(s)"
         held.planned(summary)
     return result
+
+
+def _enqueue_all(rt: Runtime, name: str, slot: datetime, pieces: Sequence[Piece], enqueue: Callable[[Piece], None]) -> None:
+    """ENQUEUE each piece, its rows first marked as waiting for its start (so the sweep does not take a
+    piece that waits for its turn for a lost one, and send it at once in one big task)."""
+    started = datetime.now(UTC)
+    for piece in pieces:
+        rt.ledger.expect(name, slot, piece.keys, started + timedelta(seconds=piece.countdown))
+        enqueue(piece)
+
+
+def requeue(rt: Runtime, name: str, slot: datetime, keys: Sequence[str], enqueue: Callable[[Piece], None] | None = None) -> None:
+    """The sweep's re-enqueue of burst report NAME's lost or abandoned rows KEYS: the planning row as
+    a planning, the readers in pieces as planning makes them (never one task for all of them).
+    ENQUEUE publishes a piece (default: a send task on the scheduled queue)."""
+    publish = enqueue or _publisher(rt, name, slot, "schedule")
+    if BURST_KEY in keys:
+        publish(Piece((BURST_KEY,), 0.0))
+    stored = rt.ledger.params_of(name, slot, [k for k in keys if k != BURST_KEY])
+    # Ordered by their parameters as planning orders them; a row without any still gets its piece (and fails there).
+    found = [Reader(k, k, {p: v for p, v in json.loads(text or "{}").items() if p != "address"}, 0) for k, text in stored.items()]
+    _enqueue_all(rt, name, slot, piece_plan(found, rt.time_limits(name)[0], rt.config.rate_of(rt.config.report(name))), publish)
 
 
 def send_piece(rt: Runtime, name: str, slot: datetime, only: Sequence[str], task_id: str | None = None) -> SendResult:

@@ -363,6 +363,16 @@ class Ledger:
             conn.execute(stmt, values)
             return [k for k in rows if k not in before]
 
+    def expect(self, report: str, slot: datetime, recipients: Sequence[str], at: datetime) -> int:
+        """RECIPIENTS' rows still queued wait for a task that starts at AT (a burst piece's countdown):
+        their `updated_at` says so, and the sweep takes them for lost only a grace period after it."""
+        with self.engine.begin() as conn:
+            changed = 0
+            for batch in _batches(list(recipients)):
+                rows = _key(report, slot, batch) & (deliveries.c.status == QUEUED)
+                changed += conn.execute(deliveries.update().where(rows).values(updated_at=at)).rowcount or 0
+            return changed
+
     def params_of(self, report: str, slot: datetime, recipients: Sequence[str]) -> dict[str, str | None]:
         """The stored params (JSON) of RECIPIENTS' rows of (REPORT, SLOT)."""
         out: dict[str, str | None] = {}

@@ -14,7 +14,7 @@ import json
 import mailbox
 import textwrap
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
 from pathlib import Path
@@ -445,6 +445,16 @@ def test_an_older_ledger_gets_the_params_column(ledger_url: str) -> None:
     ledger.dispose()
 
 
+def test_rows_waiting_for_their_pieces_start_are_not_taken_for_lost_by_the_sweep(ledger: Ledger) -> None:
+    ledger.ensure_readers("r", SLOT, {"a@x.com": stored("a@x.com"), "b@x.com": stored("b@x.com")})
+    now = datetime.now(UTC)
+    assert ledger.expect("r", SLOT, ["b@x.com"], now + timedelta(minutes=10)) == 1
+    lost = ledger.stuck(stale_before=now, queued_before=now, retry_before=now)
+    assert [r.recipient for r in lost] == ["a@x.com"], "b's piece starts in 10 minutes: not lost yet"
+    later = now + timedelta(minutes=11)
+    assert "b@x.com" in [r.recipient for r in ledger.stuck(stale_before=now, queued_before=later, retry_before=later)]
+
+
 # ----------------------------------------------------------------------------- planning and pieces, in process
 
 
@@ -642,3 +652,20 @@ def test_a_burst_of_data_functions_gives_each_reader_their_rows(ledger: Ledger, 
     bodies = {str(m["To"]): (str(m["Subject"]), m.get_body(("html",)).get_content()) for m in received(root / "outbox")}  # type: ignore[union-attr]
     assert bodies["ann@example.com"][0] == "red sales 02" and "red for ann@example.com: 1.5" in bodies["ann@example.com"][1]
     assert bodies["ben@example.com"][0] == "blue sales 02" and "blue for ben@example.com: 2.5" in bodies["ben@example.com"][1]
+
+
+def test_the_sweep_requeues_a_bursts_lost_rows_in_pieces_with_the_planning_row_on_its_own(ledger: Ledger, tmp_path: Path) -> None:
+    addresses = [f"r{i}@example.com" for i in range(7)]
+    root = make_burst_project(tmp_path, addresses, rate="1/s", soft=6, hard=10)  # 3 readers a piece
+    rt = runtime_on(root, ledger)
+    burst.send_burst(rt, "regional", SLOT, None, enqueue=lambda piece: None)  # planned; its pieces' tasks lost
+    again: list[Piece] = []
+    burst.requeue(rt, "regional", SLOT, [BURST_KEY, *addresses], enqueue=again.append)
+    assert again[0] == Piece((BURST_KEY,), 0.0)
+    assert [len(p.keys) for p in again[1:]] == [3, 3, 1] and [p.countdown for p in again[1:]] == [0.0, 3.0, 6.0]
+    # Ordered by region, as planning orders them.
+    region_of = {a: REGIONS[i % 5] for i, a in enumerate(addresses)}
+    assert [[region_of[k] for k in p.keys] for p in again[1:]] == [["Central", "East", "North"], ["North", "South", "South"], ["West"]]
+    for piece in again[1:]:
+        burst.send_piece(rt, "regional", SLOT, piece.keys)
+    assert sorted(str(m["To"]) for m in received(root / "outbox")) == addresses
