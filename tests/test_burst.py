@@ -506,8 +506,11 @@ def test_group_true_sends_one_message_per_parameter_set_to_all_its_readers(ledge
     assert {r.recipient: r.status for r in ledger.rows(report="regional")} == {BURST_KEY: "planned", **dict.fromkeys(addresses, "sent")}
 
 
-def test_every_format_carries_the_readers_own_numbers(ledger: Ledger, tmp_path: Path) -> None:
+def test_every_format_and_chart_carries_the_readers_own_numbers(ledger: Ledger, tmp_path: Path) -> None:
     root = make_burst_project(tmp_path, ["a@example.com", "b@example.com"], formats="html, pdf, csv, xlsx")
+    chart = "    charts:\n      by_region: {type: bar, title: Sales by region, x: region, y: amount}\n"
+    config = root / "schedules.yaml"
+    config.write_text(config.read_text().replace("    group: false\n", "    group: false\n" + chart))
     rt = runtime_on(root, ledger)
     pieces: list[Piece] = []
     burst.send_burst(rt, "regional", SLOT, None, enqueue=pieces.append)
@@ -522,7 +525,10 @@ def test_every_format_carries_the_readers_own_numbers(ledger: Ledger, tmp_path: 
         sheet = load_workbook(io.BytesIO(parts[next(k for k in parts if "spreadsheet" in k)])).active
         cells = [str(c.value) for row in sheet.iter_rows() for c in row]  # type: ignore[union-attr]
         html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
-        assert amount_of(region) in pdf_text(msg) and amount_of(region) in html, region
+        text = pdf_text(msg)
+        assert amount_of(region) in text and amount_of(region) in html, region
+        # The chart (vector in the PDF, an inline PNG in the email) is drawn over the reader's rows only.
+        assert "Sales by region" in text and other not in text and 'src="cid:chart-by_region@regional.reporter"' in html
         assert region in csv_text and other not in csv_text and region in cells and other not in cells
 
 
