@@ -675,3 +675,19 @@ def test_the_sweep_requeues_a_bursts_lost_rows_in_pieces_with_the_planning_row_o
     for piece in again[1:]:
         burst.send_piece(rt, "regional", SLOT, piece.keys)
     assert sorted(str(m["To"]) for m in received(root / "outbox")) == addresses
+
+
+def test_query_params_see_the_reader_and_win_over_its_parameters(ledger: Ledger, tmp_path: Path) -> None:
+    root = make_burst_project(tmp_path, ["a@example.com", "b@example.com"])
+    config = root / "schedules.yaml"
+    # :region comes from params, computed from the reader: b's slice shows North, by this (odd) rule.
+    rule = "      params: {region: \"{{ 'North' if reader.address.startswith('b') else reader.region }}\"}\n"
+    text = config.read_text().replace('where region = :region"\n', 'where region = :region"\n' + rule)
+    config.write_text(text)
+    rt = runtime_on(root, ledger)
+    pieces: list[Piece] = []
+    burst.send_burst(rt, "regional", SLOT, None, enqueue=pieces.append)
+    burst.send_piece(rt, "regional", SLOT, pieces[0].keys)
+    texts = {str(m["To"]): pdf_text(m) for m in received(root / "outbox")}
+    assert amount_of("North") in texts["a@example.com"] and amount_of("North") in texts["b@example.com"]
+    assert "Sales of South" in texts["b@example.com"], "the templates still see the reader's own parameters"
