@@ -16,6 +16,10 @@ from email.utils import parseaddr
 
 from reporter.config import NAMED_ADDRESS_RE, PLAIN_ADDRESS_RE, Report, normalize_address
 
+BURST_KEY = "(burst)"
+"""The ledger key of a burst slot's planning row: dispatch cannot know the readers (beat never queries a
+warehouse), so this is the one row it records for the slot; the send that claims it plans (reporter.burst)."""
+
 UNDISCLOSED = "undisclosed-recipients:;"
 """The To header of a message that goes only to Cc or Bcc readers (RFC 5322 empty group)."""
 
@@ -61,6 +65,12 @@ def audience(report: Report, only: Sequence[str] | None = None) -> Audience:
     An address listed in two roles is sent once, in the more visible one (To, then Cc, then Bcc).
     An address in ONLY keeps the role the report gives it; any other address in ONLY is a To.
     """
+    if report.burst is not None:
+        # The planning row, or readers' keys (a piece, a retry, `send --to`): every one a To.
+        if only is None:
+            return Audience({BURST_KEY: BURST_KEY}, {}, {})
+        planning = {BURST_KEY: BURST_KEY} if BURST_KEY in only else {}
+        return Audience(planning | {key_of(a): normalize_address(a) for a in only if a != BURST_KEY}, {}, {})
     taken: set[str] = set()
     full = Audience(_keyed(report.recipients, taken), _keyed(report.cc, taken), _keyed(report.bcc, taken))
     if only is None:

@@ -55,6 +55,7 @@ def content_problems(draft: Draft) -> list[Problem]:
 
     templates = TemplateCheck(draft.templates_dir, draft.templates)
     functions = _Cached(lambda spec: _function_problem(spec, Path(draft.file).parent))
+    reader_functions = _Cached(lambda spec: _function_problem(spec, Path(draft.file).parent, reader=True))
     drivers = _Cached(_driver_problem)
     # Compiling a parameter costs about a millisecond, and most reports share the same few ("{{ slot.date() }}").
     params_check = _Cached(params_problem)
@@ -100,15 +101,19 @@ def content_problems(draft: Draft) -> list[Problem]:
                     declared = tuple(str(c) for c in charts) if isinstance(charts, dict) else ()
                     for file, line, why in templates.file(template, html=html, charts=declared):
                         bad((*loc, "recovered", key), why, file, line)
-        query = report.get("query")
-        params = query.get("params") if isinstance(query, dict) else None
-        if isinstance(params, dict):
-            for key, value in params.items():
-                if isinstance(value, str) and (why := params_check(value)):
-                    bad((*loc, "query", "params", key), why)
-        function = report.get("function")
-        if isinstance(function, str) and FUNCTION_RE.match(function) and (why := functions(function)):
-            bad((*loc, "function"), why)
+        burst = report.get("burst") if isinstance(report.get("burst"), dict) else None
+        for where, holder in (((*loc,), report), ((*loc, "burst"), burst or {})):
+            query = holder.get("query")
+            params = query.get("params") if isinstance(query, dict) else None
+            if isinstance(params, dict):
+                for key, value in params.items():
+                    if isinstance(value, str) and (why := params_check(value)):
+                        bad((*where, "query", "params", key), why)
+            function = holder.get("function")
+            # A burst report's own data function is called with each reader's row as reader=.
+            check = reader_functions if burst is not None and holder is report else functions
+            if isinstance(function, str) and FUNCTION_RE.match(function) and (why := check(function)):
+                bad((*where, "function"), why)
     return out
 
 
@@ -148,11 +153,11 @@ class _Cached:
         return self._seen[value]
 
 
-def _function_problem(spec: str, folder: Path) -> str | None:
+def _function_problem(spec: str, folder: Path, reader: bool = False) -> str | None:
     from reporter.data import import_function
 
     try:
-        import_function(spec, folder)
+        import_function(spec, folder, reader=reader)
     except ValueError as exc:
         return str(exc)
     return None

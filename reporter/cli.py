@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the commands import these when they run, so that `reporter 
     from reporter.config import Report as ReportSpec
     from reporter.data import Table
     from reporter.ledger import Row
+    from reporter.render import Renderer
     from reporter.runtime import Runtime
     from reporter.status import Check
 
@@ -167,7 +168,7 @@ def list_(obj: Context) -> None:
                 str(zone),
                 nxt.strftime("%Y-%m-%d %H:%M %Z") if report.enabled else "disabled",
                 ",".join(report.formats),
-                len(report.recipients),
+                "burst" if report.burst is not None else len(report.recipients),
             ]
         )
     click.echo(table(["REPORT", "SCHEDULE", "TIMEZONE", "NEXT", "FORMATS", "RECIPIENTS"], rows))
@@ -199,9 +200,10 @@ def next_(obj: Context, report: str | None, count: int) -> None:
 @click.argument("report")
 @click.option("--slot", help="the slot to render (ISO; naive means the report's zone) [default: the latest]")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("preview"), show_default=True, help="folder for the files")
+@click.option("--as", "as_", metavar="ADDRESS", help="a burst report: render this reader's slice [default: the first reader's]")
 @click.pass_obj
 @handles_errors
-def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
+def preview(obj: Context, report: str, slot: str | None, out_dir: Path, as_: str | None) -> None:
     """Render REPORT to html, txt, pdf, csv and xlsx files; sends nothing."""
     from reporter.charts import for_pdf
     from reporter.render import Renderer
@@ -213,9 +215,10 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
     zone = config.zone(spec)
     at = parse_slot(slot, zone) or latest_fire(spec.schedule, zone, datetime.now(UTC))
     renderer = Renderer(config)
-    table_ = renderer.fetch(report, at)
+    reader, readers = _burst_reader(renderer, report, at, as_)
+    table_ = renderer.fetch(report, at, reader)
     extra, said, variant = _preview_alert(obj, report, at, table_) if spec.when is not None else (None, None, spec)
-    rendered = renderer.render_table(report, at, table_, extra=extra, spec=variant)
+    rendered = renderer.render_table(report, at, table_, extra=extra, spec=variant, reader=reader)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{report}-{at.astimezone(zone).strftime('%Y-%m-%d_%H%M')}"
     # The files show the charts inline (SVG data: URLs); the email carries them as cid: PNG parts.
@@ -229,6 +232,8 @@ def preview(obj: Context, report: str, slot: str | None, out_dir: Path) -> None:
     }
     click.echo(f"subject: {rendered.subject}")
     click.echo(f"slot:    {at.astimezone(zone).isoformat()} ({rendered.row_count} rows)")
+    if reader is not None and as_ is None:
+        click.echo(f"reader:  {reader['address']} (first of {readers}; --as ADDRESS for another)")
     if said is not None:
         click.echo(f"when:    {said}")
     for suffix, content in files.items():
@@ -288,9 +293,10 @@ def _preview_alert(obj: Context, report: str, at: datetime, data: Table) -> tupl
 @click.option("--now", "now_", is_flag=True, help="send an ad-hoc slot named after the current time (to the second), not a scheduled one")
 @click.option("--sync", is_flag=True, help="render and send in this process instead of through the urgent queue")
 @click.option("--wait", type=click.IntRange(0), default=defaults.SEND_WAIT, show_default=True, help="seconds to wait for the workers")
+@click.option("--as", "as_", metavar="ADDRESS", help="a burst report: send this reader's slice to the --to addresses")
 @click.pass_obj
 @handles_errors
-def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_: bool, sync: bool, wait: int) -> None:
+def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_: bool, sync: bool, wait: int, as_: str | None) -> None:
     """Send REPORT now (its latest scheduled slot by default): one line per recipient; exit 2 if a delivery failed."""
     from reporter import deliver
     from reporter.audience import audience
@@ -313,7 +319,11 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
         targets = audience(spec, list(to) or None).keys()
     except ValueError as exc:
         fail(f"--to: {exc}")
-    if sync:
+    if spec.burst is not None:
+        targets = _send_burst(rt, report, at, list(to), as_, sync, wait)
+    elif as_ is not None:
+        fail(f"--as: report {report!r} has no burst: readers; --as picks a burst reader's slice")
+    elif sync:
         click.echo(f"sending {report} for {at.isoformat()} via {destination(rt.settings.smtp_url, rt.settings.outbox)}", err=True)
         result = deliver.send_slot(rt, report, at, only=list(to) or None, trigger="manual")
         if result.retry:
@@ -332,7 +342,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     for key in targets:
         row = rows.get(key)
         status = row.status if row else "unknown"
-        failed |= status not in ("sent", "skipped", "not-sent")
+        failed |= status not in ("sent", "skipped", "not-sent", "planned")
         detail = row.message_id if row and status == "sent" else (row.error if row else "") or ""
         if row and row.sent_at and row.sent_at < started:
             status, detail = "already-sent", f"{row.message_id} at {row.sent_at.isoformat()}"
@@ -341,6 +351,81 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     if already and not now_:
         click.echo("a slot is sent once per recipient; `--now` sends an ad-hoc slot named after the current time", err=True)
     sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
+
+
+def _burst_reader(renderer: Renderer, report: str, at: datetime, as_: str | None) -> tuple[dict[str, object] | None, int]:
+    """For `preview`: the reader of burst REPORT whose slice to render (AS_, else the first), and how many
+    readers there are; (None, 0) for a report without burst:."""
+    from reporter import burst
+    from reporter.audience import key_of
+
+    if renderer.config.reports[report].burst is None:
+        if as_ is not None:
+            fail(f"--as: report {report!r} has no burst: readers; --as picks a burst reader's slice")
+        return None, 0
+    found, _ = burst.readers(renderer, report, at)
+    if not found:
+        fail(f"report {report!r} has no readers for this slot: its burst query returned no valid address")
+    if as_ is None:
+        return found[0].as_dict(), len(found)
+    try:
+        key = key_of(as_)
+    except ValueError as exc:
+        fail(f"--as: {exc}")
+    chosen = next((r for r in found if r.key == key), None)
+    if chosen is None:
+        fail(burst.not_a_reader(as_, report, found))
+    return chosen.as_dict(), len(found)
+
+
+def _send_burst(rt: Runtime, report: str, at: datetime, to: list[str], as_: str | None, sync: bool, wait: int) -> list[str]:
+    """`send` of burst REPORT: with TO, the slice of each (or of AS_) to each; else plan and send every
+    reader. Returns the ledger keys to print."""
+    from reporter import burst, deliver
+    from reporter.audience import key_of
+    from reporter.mail import destination
+    from reporter.notice import notify_owners
+
+    if as_ is not None and not to:
+        fail("--as needs --to: the address that gets the reader's slice")
+    if sync:
+        click.echo(f"sending {report} for {at.isoformat()} via {destination(rt.settings.smtp_url, rt.settings.outbox)}", err=True)
+    results: list[deliver.SendResult] = []
+    if to:
+        found, _ = burst.readers(rt.renderer, report, at)
+        by_key = {r.key: r for r in found}
+        try:
+            keys = [key_of(a) for a in to]
+            source = None if as_ is None else by_key.get(key_of(as_))
+        except ValueError as exc:
+            fail(f"--to/--as: {exc}")
+        if as_ is not None and source is None:
+            fail(burst.not_a_reader(as_, report, found))
+        slices = {}
+        for address, key in zip(to, keys, strict=True):
+            reader = source or by_key.get(key)
+            if reader is None:
+                fail(burst.not_a_reader(address, report, found, advice=True))
+            slices[key] = reader.stored()
+        # A reader's row that planning made already keeps its own slice: a slot is sent once per reader.
+        rt.ledger.ensure_readers(report, at, slices, trigger="manual")
+        if sync:
+            results.append(burst.send_piece(rt, report, at, keys))
+        else:
+            _send_async(rt, report, at, keys, wait)
+    elif sync:
+        pieces: list[burst.Piece] = []
+        results.append(burst.send_burst(rt, report, at, None, "manual", enqueue=pieces.append))
+        results.extend(deliver.send_slot(rt, report, at, only=list(piece.keys), trigger="manual") for piece in pieces)
+    else:
+        _send_async(rt, report, at, [], wait)
+    for result in results:
+        if result.retry:
+            deliver.fail_for_good(rt, result, "send --sync does not retry; try again or send through the workers")
+        notify_owners(rt, result)
+    if to:
+        return keys
+    return sorted(rt.ledger.statuses(report, at), key=burst.listing_order)
 
 
 def _send_async(rt: Runtime, report: str, at: datetime, to: list[str], wait: int) -> None:
@@ -379,7 +464,9 @@ def _send_async(rt: Runtime, report: str, at: datetime, to: list[str], wait: int
     rows: list[Row] = []
     while time.monotonic() < deadline:
         rows = rt.ledger.rows(report=report, slot=at)
-        if rows and all(r.status in FINAL for r in rows if r.recipient in keys):
+        # A burst slot is done when its planning row and every row it made are.
+        whole = rt.config.reports[report].burst is not None and not to
+        if rows and all(r.status in FINAL for r in rows if r.recipient in keys or whole):
             return
         time.sleep(0.5)
     tried = [r for r in rows if r.recipient in keys and r.attempts]

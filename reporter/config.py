@@ -292,6 +292,15 @@ def _recovered(value: Any) -> Any:
     raise ValueError(f"must be true, false or a mapping with subject, template or text_template, not {value!r}")
 
 
+class Burst(_Model):
+    """A burst report's readers: a query or data function returning one row per reader."""
+
+    query: Query | None = None
+    function: Annotated[str, AfterValidator(_valid_function)] | None = None
+    address: str = "address"
+    """The column holding each reader's address; every other column is a parameter of the reader's slice."""
+
+
 class Report(_Model):
     schedule: Cron
     timezone: Zone | None = None
@@ -301,7 +310,8 @@ class Report(_Model):
     query: Query | None = None
     function: Annotated[str, AfterValidator(_valid_function)] | None = None
     formats: tuple[Format, ...] = ("html",)
-    recipients: Annotated[tuple[Address, ...], AfterValidator(_non_empty)]
+    # Required unless the report has `burst:` (checked in _check, with the message pydantic would give).
+    recipients: Annotated[tuple[Address, ...], AfterValidator(_non_empty)] = ()
     cc: tuple[Address, ...] = ()
     bcc: tuple[Address, ...] = ()
     owners: tuple[Address, ...] = ()
@@ -326,6 +336,8 @@ class Report(_Model):
     renotify_after: Duration | None = None
     recovered: Annotated[Recovered | None, BeforeValidator(_recovered)] = None
     """true (or a mapping with its own subject and templates): one email when the condition stops holding."""
+    burst: Burst | None = None
+    """One email per reader, each with its own parameters (reporter.burst)."""
 
     @field_validator("formats")
     @classmethod
@@ -677,14 +689,17 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path, t
             _check_chart(chart_name, chart, (*loc, "charts", chart_name), bad)
         if report.get("query") is not None and report.get("function") is not None:
             bad(loc, "give either 'query' or 'function', not both")
-        query = report.get("query")
-        source_name = query.get("datasource") if isinstance(query, dict) else None
-        if isinstance(source_name, str) and source_name not in datasources:
-            known = ", ".join(sorted(datasources)) or "none defined"
-            bad(
-                (*loc, "query", "datasource"),
-                f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})",
-            )
+        _check_burst(report, loc, bad)
+        burst = report.get("burst")
+        queries = {(*loc, "query"): report.get("query"), (*loc, "burst", "query"): burst.get("query") if isinstance(burst, dict) else None}
+        for query_loc, query in queries.items():
+            source_name = query.get("datasource") if isinstance(query, dict) else None
+            if isinstance(source_name, str) and source_name not in datasources:
+                known = ", ".join(sorted(datasources)) or "none defined"
+                bad(
+                    (*query_loc, "datasource"),
+                    f"unknown datasource {source_name!r}{_did_you_mean(source_name, datasources)} (known: {known})",
+                )
     return problems
 
 
@@ -715,6 +730,25 @@ def _check_alert(report: dict[str, Any], loc: Path_, bad: Any, templates: Mappin
         template = recovered.get(key) if isinstance(recovered, dict) else None
         if isinstance(template, str) and template_key(template) not in templates:
             bad((*loc, "recovered", key), f"template {template!r} not found in {templates_dir}")
+
+
+def _check_burst(report: dict[str, Any], loc: Path_, bad: Any) -> None:
+    """A burst report takes its readers from burst: (never from recipients, cc or bcc); any other report needs recipients."""
+    burst = report.get("burst")
+    if burst is None:
+        if "recipients" not in report:
+            bad((*loc, "recipients"), "is required but missing")
+        return
+    for key in ("recipients", "cc", "bcc"):
+        if key in report:
+            bad((*loc, key), f"a burst report's readers come from burst: (one row each); remove '{key}'")
+    if report.get("when") is not None:
+        bad((*loc, "when"), "an alert cannot be a burst report (a condition per reader is not supported); make two reports")
+    if isinstance(burst, dict):
+        given = [key for key in ("query", "function") if burst.get(key) is not None]
+        if len(given) != 1:
+            how = "not both" if given else "one of them"
+            bad((*loc, "burst"), f"give either 'query' or 'function' (returning one row per reader), {how}")
 
 
 def _check_chart(name: Any, chart: Any, loc: Path_, bad: Any) -> None:

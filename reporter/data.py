@@ -23,9 +23,10 @@ import sqlalchemy as sa
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import exc as sa_exc
 
-from reporter.config import Config, Datasource, Report
+from reporter.config import Config, Datasource, Query, Report
 from reporter.errors import INTERRUPTS, DataError, TransientDeliveryError
 from reporter.settings import mask_url, scrub
+from reporter.yamldoc import Path_
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,12 @@ def params_problem(value: Any) -> str | None:
     return None
 
 
-def import_function(spec: str, folder: Path) -> Any:
+def import_function(spec: str, folder: Path, reader: bool = False) -> Any:
     """The function 'module:name' names, importable from FOLDER (beside schedules.yaml) too.
 
     Raises ValueError with one line saying why not: the module does not import (and its error),
-    has no such name, or the name cannot be called as name(slot=..., report=...).
+    has no such name, or the name cannot be called as name(slot=..., report=...) (with READER, as
+    name(slot=..., report=..., reader=...): a burst report's data function).
     """
     module_name, _, attr = spec.partition(":")
     where = str(folder.resolve())
@@ -121,8 +123,13 @@ def import_function(spec: str, folder: Path) -> Any:
     except (TypeError, ValueError):
         return func  # a builtin or extension without a signature: it will tell at call time
     try:
-        signature.bind(slot=None, report=None)
+        signature.bind(slot=None, report=None, **({"reader": None} if reader else {}))
     except TypeError as exc:
+        if reader:
+            raise ValueError(
+                f"{spec} cannot be called as {attr}(slot=..., report=..., reader=...): {exc}; "
+                "a burst report's data function gets each reader's row as reader="
+            ) from None
         raise ValueError(f"{spec} cannot be called as {attr}(slot=..., report=...): {exc}") from None
     return func
 
@@ -181,34 +188,40 @@ class Datasources:
         finally:
             raw.close()
 
-    def fetch(self, report_name: str, report: Report, slot: datetime, meta: Mapping[str, Any]) -> Table:
-        """Run the report's query or function for SLOT (aware, in the report's zone)."""
+    def fetch(
+        self, report_name: str, report: Report, slot: datetime, meta: Mapping[str, Any], reader: Mapping[str, Any] | None = None
+    ) -> Table:
+        """Run the report's query or function for SLOT (aware, in the report's zone); for a burst
+        report, for READER (its address and parameters, which the query gets as bound parameters)."""
         if report.query is not None:
-            return self._query(report_name, report, slot, meta)
+            return self._query(report_name, report, slot, meta, reader)
         if report.function is not None:
-            return self._function(report_name, report, slot)
+            return self._function(report_name, report, slot, reader)
         return Table((), ())
 
-    def _query(self, report_name: str, report: Report, slot: datetime, meta: Mapping[str, Any]) -> Table:
-        assert report.query is not None
-        params: dict[str, Any] = {}
-        for key, value in report.query.params.items():
+    def run_query(
+        self, report_name: str, report: Report, query: Query, where: Path_, context: Mapping[str, Any], bound: Mapping[str, Any]
+    ) -> Table:
+        """QUERY (of REPORT, written at WHERE in the config) with BOUND parameters and its own params
+        evaluated over CONTEXT; its own win over BOUND."""
+        params: dict[str, Any] = dict(bound)
+        for key, value in query.params.items():
             try:
-                params.update(render_params({key: value}, {"slot": slot, "report": meta}))
+                params.update(render_params({key: value}, context))
             except INTERRUPTS:
                 raise
             except Exception as exc:  # noqa: BLE001 - any template error in a parameter is the config's fault
-                line = self._config.line_of("reports", report_name, "query", "params", key)
-                where = f"{self._config.source}:{line}" if line else str(self._config.source)
+                line = self._config.line_of(*where, "params", key)
+                at = f"{self._config.source}:{line}" if line else str(self._config.source)
                 message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                raise DataError(f"{where}: reports.{report_name}.query.params.{key}: {message}") from None
-        source = report.query.datasource
+                raise DataError(f"{at}: {'.'.join(map(str, where))}.params.{key}: {message}") from None
+        source = query.datasource
         url = self._config.datasources[source].url
         timeout = self._config.query_timeout_of(report)
         try:
             with self.engine(source).connect() as conn, _time_limit(conn, timeout) as timed_out:
                 try:
-                    result = conn.execute(sa.text(report.query.sql), params)
+                    result = conn.execute(sa.text(query.sql), params)
                     return Table(tuple(result.keys()), tuple(tuple(r) for r in result))
                 except sa_exc.DBAPIError as exc:
                     if timed_out(exc):
@@ -226,18 +239,31 @@ class Datasources:
         except sa_exc.SQLAlchemyError as exc:
             raise DataError(f"report {report_name!r}: query failed: {_first_line(exc, url)}") from None
 
-    def _function(self, report_name: str, report: Report, slot: datetime) -> Table:
+    def _query(self, report_name: str, report: Report, slot: datetime, meta: Mapping[str, Any], reader: Mapping[str, Any] | None) -> Table:
+        assert report.query is not None
+        context: dict[str, Any] = {"slot": slot, "report": meta}
+        bound: dict[str, Any] = {}
+        if reader is not None:
+            context["reader"] = dict(reader)
+            bound = {k: v for k, v in reader.items() if k != "address"}
+        return self.run_query(report_name, report, report.query, ("reports", report_name, "query"), context, bound)
+
+    def _function(self, report_name: str, report: Report, slot: datetime, reader: Mapping[str, Any] | None = None) -> Table:
         assert report.function is not None
+        return self.call_function(report_name, report.function, slot, **({"reader": dict(reader)} if reader is not None else {}))
+
+    def call_function(self, report_name: str, spec: str, slot: datetime, **extra: Any) -> Table:
+        """The data function SPEC called with SLOT, REPORT_NAME and EXTRA, as a Table."""
         try:
-            func = import_function(report.function, self._config.source.parent)
+            func = import_function(spec, self._config.source.parent, reader="reader" in extra)
         except ValueError as exc:
-            raise DataError(f"report {report_name!r}: cannot use {report.function!r}: {exc}") from None
+            raise DataError(f"report {report_name!r}: cannot use {spec!r}: {exc}") from None
         try:
-            value = func(slot=slot, report=report_name)
+            value = func(slot=slot, report=report_name, **extra)
         except INTERRUPTS:
             raise
         except Exception as exc:  # noqa: BLE001 - user code; report it, don't crash the worker
-            raise DataError(f"report {report_name!r}: {report.function} raised {type(exc).__name__}: {exc}") from None
+            raise DataError(f"report {report_name!r}: {spec} raised {type(exc).__name__}: {exc}") from None
         return Table.from_any(value)
 
     def dispose(self) -> None:

@@ -213,6 +213,10 @@ def send_slot(
 ) -> SendResult:
     """Deliver report NAME for SLOT (aware UTC) to its recipients, or to ONLY, exactly once each."""
     report = rt.config.report(name)
+    if report.burst is not None:
+        from reporter import burst  # it builds on this module
+
+        return burst.send_burst(rt, name, slot, only, trigger, task_id)
     # Cc and Bcc readers are rows like any recipient: claimed, sent once and recorded (audience.py).
     who = audience(report, only or None)
     result = SendResult(name, slot)

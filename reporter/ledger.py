@@ -11,7 +11,7 @@ import functools
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,6 +77,7 @@ deliveries = sa.Table(
     sa.Column("size_bytes", sa.Integer),
     sa.Column("wait_ms", sa.Integer),
     sa.Column("config_version", sa.String(16)),
+    sa.Column("params", sa.Text),
     sa.UniqueConstraint("report", "slot", "recipient", name="uq_delivery_key"),
     sa.Index("ix_deliveries_status_claimed", "status", "claimed_at"),
     sa.Index("ix_deliveries_created", "created_at"),
@@ -103,7 +104,7 @@ config_versions = sa.Table(
 (schedules.yaml and templates, as JSON), so a worker can render a send with the version it was
 dispatched under even when its own copy of the file is older or broken."""
 
-ADDED_COLUMNS = {"wait_ms": "INTEGER", "config_version": "VARCHAR(16)"}
+ADDED_COLUMNS = {"wait_ms": "INTEGER", "config_version": "VARCHAR(16)", "params": "TEXT"}
 """Columns added to `deliveries` after its first release: `create` adds them to an older ledger."""
 
 
@@ -170,6 +171,8 @@ class Row:
     """Milliseconds the send waited for the rate limit"""
     config_version: str | None
     """The configuration version of the execution that last claimed the row (and sent it)"""
+    params: str | None = None
+    """A burst reader's address and parameters (JSON), as its planning found them"""
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,63 @@ class Ledger:
             result = conn.execute(stmt, values)
             return max(result.rowcount or 0, 0)
 
+    def ensure_readers(self, report: str, slot: datetime, readers: Mapping[str, str], trigger: str = "schedule") -> list[str]:
+        """Insert a queued row for each burst reader of READERS (key -> its params as JSON) that has none;
+        a row that exists keeps its params and status. Return the keys inserted."""
+        return self._insert_absent(report, slot, {k: {"status": QUEUED, "params": p} for k, p in readers.items()}, trigger)
+
+    def record_failed(self, report: str, slot: datetime, errors: Mapping[str, str], trigger: str = "schedule") -> list[str]:
+        """Insert a `failed` row for each key of ERRORS (key -> why) that has no row, e.g. a malformed burst
+        row; an existing row is left alone. Return the keys inserted."""
+        return self._insert_absent(report, slot, {k: {"status": FAILED, "error": e[:4000]} for k, e in errors.items()}, trigger)
+
+    def _insert_absent(self, report: str, slot: datetime, rows: Mapping[str, dict[str, Any]], trigger: str) -> list[str]:
+        """Insert ROWS (key -> column values) that have no row yet, in one transaction; return the keys
+        this call inserted (not those a concurrent caller inserted first)."""
+        if not rows:
+            return []
+        stamp = now()
+        values = [
+            {"report": report, "slot": slot, "recipient": k, "trigger": trigger, "attempts": 0, "created_at": stamp, "updated_at": stamp}
+            | {"status": QUEUED, "error": None, "params": None}
+            | extra
+            for k, extra in rows.items()
+        ]
+        with self.engine.begin() as conn:
+            stmt = self._insert_ignore()
+            if self.engine.dialect.name in ("sqlite", "postgresql"):
+                return list(conn.execute(stmt.returning(deliveries.c.recipient), values).scalars())
+            before: set[str] = set()
+            for batch in _batches(list(rows)):
+                before.update(conn.execute(sa.select(deliveries.c.recipient).where(_key(report, slot, batch))).scalars())
+            conn.execute(stmt, values)
+            return [k for k in rows if k not in before]
+
+    def expect(self, report: str, slot: datetime, recipients: Sequence[str], at: datetime) -> int:
+        """RECIPIENTS' rows still queued wait for a task that starts at AT (a burst piece's countdown):
+        their `updated_at` says so, and the sweep takes them for lost only a grace period after it."""
+        with self.engine.begin() as conn:
+            changed = 0
+            for batch in _batches(list(recipients)):
+                rows = _key(report, slot, batch) & (deliveries.c.status == QUEUED)
+                changed += conn.execute(deliveries.update().where(rows).values(updated_at=at)).rowcount or 0
+            return changed
+
+    def params_of(self, report: str, slot: datetime, recipients: Sequence[str]) -> dict[str, str | None]:
+        """The stored params (JSON) of RECIPIENTS' rows of (REPORT, SLOT)."""
+        out: dict[str, str | None] = {}
+        with self.engine.connect() as conn:
+            for batch in _batches(list(recipients)):
+                query = sa.select(deliveries.c.recipient, deliveries.c.params).where(_key(report, slot, batch))
+                out.update({r.recipient: r.params for r in conn.execute(query)})
+        return out
+
+    def statuses(self, report: str, slot: datetime) -> dict[str, str]:
+        """Recipient -> status of every row of (REPORT, SLOT)."""
+        query = sa.select(deliveries.c.recipient, deliveries.c.status).where((deliveries.c.report == report) & (deliveries.c.slot == slot))
+        with self.engine.connect() as conn:
+            return {r.recipient: r.status for r in conn.execute(query)}
+
     def _ensure_many_pg(self, values: list[dict[str, Any]]) -> int:
         """ensure_many's insert on PostgreSQL: one statement whose rows come from arrays (unnest), so the
         driver sends a short query and one array per column instead of a placeholder per value (50,000
@@ -481,6 +541,10 @@ class Ledger:
             size_bytes=size_bytes,
             wait_ms=wait_ms,
         )
+
+    def mark_planned(self, token: str, report: str, slot: datetime, recipients: Sequence[str], summary: str) -> int:
+        """The planning row of a burst slot is done: its readers' rows are made and enqueued (final)."""
+        return self._update(token, report, slot, recipients, status=PLANNED, error=summary[:4000])
 
     def mark_failed(self, token: str, report: str, slot: datetime, recipients: Sequence[str], error: str) -> int:
         return self._update(token, report, slot, recipients, status=FAILED, error=error[:4000])

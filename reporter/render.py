@@ -156,22 +156,30 @@ class Renderer:
             "formats": list(report.formats),
         }
 
-    def render(self, name: str, slot_utc: datetime) -> Rendered:
-        """Fetch the data and render every part of report NAME for SLOT_UTC."""
-        return self.render_table(name, slot_utc, self.fetch(name, slot_utc))
+    def render(self, name: str, slot_utc: datetime, reader: Mapping[str, Any] | None = None) -> Rendered:
+        """Fetch the data and render every part of report NAME for SLOT_UTC (a burst report's: READER's slice)."""
+        return self.render_table(name, slot_utc, self.fetch(name, slot_utc, reader), reader=reader)
 
-    def fetch(self, name: str, slot_utc: datetime) -> Table:
-        """The data of report NAME for SLOT_UTC (its query or function, run with the slot in the report's zone)."""
+    def fetch(self, name: str, slot_utc: datetime, reader: Mapping[str, Any] | None = None) -> Table:
+        """The data of report NAME for SLOT_UTC (its query or function, run with the slot in the report's zone;
+        a burst report's with READER's parameters bound)."""
         report = self.config.reports[name]
         slot_local = slot_utc.astimezone(self.config.zone(report))
-        return self.datasources.fetch(name, report, slot_local, self.meta(name))
+        return self.datasources.fetch(name, report, slot_local, self.meta(name), reader)
 
     def render_table(
-        self, name: str, slot_utc: datetime, table: Table, extra: Mapping[str, Any] | None = None, spec: Report | None = None
+        self,
+        name: str,
+        slot_utc: datetime,
+        table: Table,
+        extra: Mapping[str, Any] | None = None,
+        spec: Report | None = None,
+        reader: Mapping[str, Any] | None = None,
     ) -> Rendered:
         """Render every part of report NAME from TABLE, within the report's row and size limits. EXTRA is
         merged into what the templates see (an alert's `alert` and `value`); SPEC renders a variant of
-        the report (an alert's recovered email, with its own subject and templates)."""
+        the report (an alert's recovered email, with its own subject and templates); READER is a burst
+        reader's address and parameters, which the templates see as `reader`."""
         report = spec or self.config.reports[name]
         max_rows, max_bytes = self.config.max_rows_of(report), self.config.attachment_cap_of(report)
         notes: list[str] = []
@@ -192,6 +200,8 @@ class Renderer:
             notes.insert(0, f"Showing the first {max_rows:,} of {len(table.rows):,} rows{all_in_csv}")
         ctx = self.context(name, slot_utc, table, shown, notes)
         ctx.update(extra or {})
+        if reader is not None:
+            ctx["reader"] = dict(reader)  # a burst reader's address and parameters
         # Charts are drawn once, over every row, before any template places them.
         drawn = {key: charts_mod.render(name, key, chart, ctx["all_rows"]) for key, chart in report.charts.items()}
         ctx["charts"] = drawn

@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from reporter import defaults
+from reporter import burst, defaults
 from reporter.audience import audience
 from reporter.beat import dispatch_window
 from reporter.deliver import SendResult, fail_for_good, send_slot
@@ -219,6 +219,9 @@ def sweep() -> dict[str, Any]:
         again = [r.recipient for r in again_rows]
         if again:
             log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(again))
-            enqueue_send(rt, Due(report, slot), only=again)
+            if rt.config.reports[report].burst is not None:
+                burst.requeue(rt, report, slot, again)  # in pieces, each within the time limit
+            else:
+                enqueue_send(rt, Due(report, slot), only=again)
             counts["re_enqueued"] += len(again)
     return counts

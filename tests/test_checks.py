@@ -89,7 +89,7 @@ def test_a_config_that_passes_comes_back_whole(tmp_path: Path) -> None:
 def test_the_shipped_config_passes() -> None:
     env = {k: v for k, v in os.environ.items() if k != "WAREHOUSE_URL"}
     config = load_checked(ROOT / "schedules.yaml", env, ROOT / "templates")
-    assert sorted(config.reports) == ["big-orders", "sales-daily", "signups"]
+    assert sorted(config.reports) == ["big-orders", "sales-by-region", "sales-daily", "signups"]
 
 
 def test_checking_opens_no_database(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def test_shipped_schedules_yaml_loads() -> None:
     env = {k: v for k, v in os.environ.items() if k != "WAREHOUSE_URL"}
     config = load(ROOT / "schedules.yaml", env)
     assert isinstance(config, Config)
-    assert sorted(config.reports) == ["big-orders", "sales-daily", "signups"]
+    assert sorted(config.reports) == ["big-orders", "sales-by-region", "sales-daily", "signups"]
     assert sorted(config.beat) == ["email_reports.prune_ledger", "email_reports.schedule_hourly"]
     assert config.beat["email_reports.schedule_hourly"].cron == "1 * * * *"
     sales = config.reports["sales-daily"]
