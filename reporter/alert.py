@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -228,7 +228,8 @@ def evaluate(policy: Policy, ctx: Mapping[str, Any]) -> Verdict:
     ctx = dict(ctx)
     value = None
     if policy.value is not None:
-        value = _run("value", policy.value, ctx)
+        # Settled before `when` reads it: a generator read by `when` would be stored empty.
+        value = _settled("value", policy.value, _run("value", policy.value, ctx), ctx)
         ctx["value"] = value
     result = _run("when", policy.when, ctx)
     try:
@@ -239,12 +240,12 @@ def evaluate(policy: Policy, ctx: Mapping[str, Any]) -> Verdict:
         raise ConditionError(f"condition error: when: {policy.when}: {_why(exc)}") from None
     try:
         left = _left_side(policy.when)
-        seen = result if left is None else _evaluate_node(left, ctx)
+        shown = show(_materialise(result if left is None else _evaluate_node(left, ctx)))
     except INTERRUPTS:
         raise
-    except Exception:  # noqa: BLE001 - the left side alone is only for the message; the whole came out
-        seen = result
-    return Verdict(held, value, f"{policy.when} → {show(seen)}")
+    except Exception:  # noqa: BLE001 - the left side alone is only for the message (it may be undefined); the whole came out
+        shown = show(held)
+    return Verdict(held, value, f"{policy.when} → {shown}")
 
 
 def _run(key: str, source: str, ctx: Mapping[str, Any]) -> Any:
@@ -253,6 +254,38 @@ def _run(key: str, source: str, ctx: Mapping[str, Any]) -> Any:
     except INTERRUPTS:
         raise
     except Exception as exc:  # noqa: BLE001 - user expressions fail in many ways; each is the report's failure
+        raise ConditionError(f"condition error: {key}: {source}: {_why(exc)}") from None
+
+
+class _UndefinedValue(ValueError):
+    """An expression's result is, or holds, a Jinja Undefined (`rows | first` of no rows)."""
+
+
+def _materialise(value: Any) -> Any:
+    """VALUE with every iterator (a Jinja `map` or `select` without `| list`) made a list, in lists,
+    tuples and dicts too; _UndefinedValue if it is or holds an undefined value."""
+    if isinstance(value, jinja2.Undefined):
+        raise _UndefinedValue
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, dict):
+        return {k: _materialise(v) for k, v in value.items()}
+    if isinstance(value, (Iterator, KeysView, ValuesView, ItemsView, range, list)):
+        return [_materialise(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_materialise(v) for v in value)
+    return value
+
+
+def _settled(key: str, source: str, result: Any, ctx: Mapping[str, Any]) -> Any:
+    try:
+        return _materialise(result)
+    except _UndefinedValue:
+        hint = " (no rows?)" if not ctx.get("rows") else ""
+        raise ConditionError(f"condition error: {key}: {source}: is undefined{hint}") from None
+    except INTERRUPTS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an iterator that fails while read is the expression's failure
         raise ConditionError(f"condition error: {key}: {source}: {_why(exc)}") from None
 
 
@@ -309,11 +342,20 @@ def evaluation(
     before: Evaluation | None,
     at: SlotText | None = None,
 ) -> Evaluation:
-    """SLOT of REPORT evaluated and decided (pure): what the ledger records. ConditionError if it cannot be."""
+    """SLOT of REPORT evaluated and decided (pure): what the ledger records. ConditionError if it cannot
+    be, whatever the reason: the slot then fails with it, never stays unsent without one."""
     previous = before.as_previous() if before is not None else Previous()
-    verdict = evaluate(policy, context(rows, columns, slot, previous))
-    outcome = decide(policy, verdict, slot, before, at)
-    kept = kept_rows(rows)
+    try:
+        verdict = evaluate(policy, context(rows, columns, slot, previous))
+        outcome = decide(policy, verdict, slot, before, at)
+        kept = kept_rows(rows)
+        to_json(verdict.value)  # what the ledger will write: fail here, with the reason, not when recording
+    except ConditionError:
+        raise
+    except INTERRUPTS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else (a value JSON cannot hold) is still the alert's failure
+        raise ConditionError(f"condition error: {_why(exc)}") from None
     return Evaluation(
         report,
         slot,

@@ -52,6 +52,27 @@ CONDITIONS = [
         "previous.rows | length < rows | length → 1",
     ),
     ("slot.hour == 7", None, ROWS, None, True, None, "slot.hour == 7 → 7"),
+    # A value that is an iterator (no `| list`) is kept as the list it yields, so it compares with the last one.
+    (
+        "value != previous.value",
+        "rows | map(attribute='revenue')",
+        ROWS,
+        Previous(value=[1234.5, 42.0], slot=T0 - HOUR),
+        False,
+        [1234.5, 42.0],
+        "value != previous.value → [1234.5, 42.0]",
+    ),
+    (
+        "value.a | length > 1",
+        "{'a': rows | map(attribute='region')}",
+        ROWS,
+        None,
+        True,
+        {"a": ["North", "South"]},
+        "value.a | length > 1 → 2",
+    ),
+    # The left side is only shown: when it is undefined, the reason shows the whole condition's result.
+    ("[rows | first] != []", None, [], None, True, None, "[rows | first] != [] → True"),
 ]
 
 
@@ -71,14 +92,31 @@ ERRORS = [
     ("value > 0", "rows | sum(attribute='region')", ROWS, "condition error: value: rows | sum(attribute='region'): TypeError"),
     ("rows.__class__", None, ROWS, "unsafe"),
     ("1 / 0", None, ROWS, "ZeroDivisionError"),
+    # A value that comes out undefined without an error is one too, not a value the ledger cannot keep.
+    ("row_count == 0", "rows | first", [], "condition error: value: rows | first: is undefined (no rows?)"),
+    ("row_count == 0", "rows[0]", [], "condition error: value: rows[0]: is undefined (no rows?)"),
+    ("row_count == 0", "rows | map(attribute='revenue') | max", [], "value: rows | map(attribute='revenue') | max: is undefined"),
+    ("row_count == 0", "[1, rows | first]", [], "condition error: value: [1, rows | first]: is undefined (no rows?)"),
+    ("row_count > 0", "{'top': rows[5]}", ROWS, "condition error: value: {'top': rows[5]}: is undefined"),
 ]
 
 
-@pytest.mark.parametrize(("when", "value", "rows", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(("when", "value", "rows", "message"), ERRORS, ids=[e[1] or e[0] for e in ERRORS])
 def test_a_condition_that_cannot_be_evaluated_is_an_error(when: str, value: str | None, rows: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ConditionError) as info:
         alert.evaluate(Policy(when, value), ctx(rows))
     assert message in str(info.value)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot be shown")
+
+
+def test_a_value_the_ledger_cannot_keep_is_a_condition_error_not_a_crash_when_recorded() -> None:
+    rows = [{"thing": Unprintable()}]
+    with pytest.raises(ConditionError, match="condition error: RuntimeError: cannot be shown"):
+        alert.evaluation("r", Policy("row_count > 0", value="rows[0].thing"), T0, rows, ["thing"], None)
 
 
 @pytest.mark.parametrize(
