@@ -42,6 +42,8 @@ ROWS_KEPT = 1000
 ROWS_KEPT_BYTES = 256_000
 """...and at most this much of them as JSON, so that wide rows do not make a large ledger row either."""
 
+SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
+"""A duration written as a bare number in quotes ("90"): seconds, as the number 90 is."""
 DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 _env = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
@@ -55,7 +57,7 @@ class ConditionError(RenderError):
 
 
 def parse_duration(value: Any) -> float:
-    """'30m', '24h', '2d', '1h30m', '90s' or a number of seconds -> seconds (> 0). ValueError if not."""
+    """'30m', '24h', '2d', '1h30m', '90s' or a number of seconds (90 or '90') -> seconds (> 0). ValueError if not."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration; write '30m', '24h', '2d', '1h30m' or a number of seconds")
     if isinstance(value, (int, float)):
@@ -63,10 +65,13 @@ def parse_duration(value: Any) -> float:
     else:
         text = str(value).strip().replace(" ", "")
         match = DURATION_RE.fullmatch(text)
-        if not text or match is None or not any(match.groups()):
+        if SECONDS_RE.fullmatch(text):
+            seconds = float(text)
+        elif not text or match is None or not any(match.groups()):
             raise ValueError(f"{value!r} is not a duration; write '30m', '24h', '2d', '1h30m' or a number of seconds")
-        d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = d * 86400 + h * 3600 + m * 60 + s
+        else:
+            d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+            seconds = d * 86400 + h * 3600 + m * 60 + s
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{value!r} is not a duration above zero")
     return seconds

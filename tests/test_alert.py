@@ -160,6 +160,8 @@ def test_names_used(source: str, names: set[str]) -> None:
         ("1h30m", 5400, "1h30m"),
         (90, 90, "1m30s"),
         ("45s", 45, "45s"),
+        ("90", 90, "1m30s"),  # quoted seconds, as the README says "or seconds"
+        (" 7200 ", 7200, "2h"),
         (0.5, 0.5, "0.5s"),
     ],
 )
@@ -168,7 +170,7 @@ def test_durations(written: Any, seconds: float, text: str) -> None:
     assert alert.duration_text(seconds) == text
 
 
-@pytest.mark.parametrize("written", ["soon", "", "h", "-5", 0, -3, True, "1x", "30 minutes"])
+@pytest.mark.parametrize("written", ["soon", "", "h", "-5", 0, -3, True, "1x", "30 minutes", "0", "1e3"])
 def test_bad_durations(written: Any) -> None:
     with pytest.raises(ValueError, match="duration"):
         alert.parse_duration(written)
