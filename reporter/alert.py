@@ -314,7 +314,7 @@ class Outcome:
 
 def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation | None, at: SlotText | None = None) -> Outcome:
     """The decision for SLOT, given POLICY, its VERDICT and BEFORE (the previous evaluation, which carries
-    when the current run of holding slots began and when it last sent). AT formats a slot for a reason
+    when the current run of holding slots began and when it last alerted). AT formats a slot for a reason
     (default: ISO in UTC)."""
     when: SlotText = at or (lambda s: s.isoformat())
     was_held = before is not None and before.held
@@ -329,7 +329,8 @@ def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation 
             return Outcome(
                 SEND, f"condition still holds: {verdict.shown} (renotify_after {duration_text(policy.renotify_after)})", since, slot
             )
-        sent = f"last sent {when(last)}" if last is not None else "not sent since"
+        # "alert", not "sent": a slot that decided to alert counts even if its delivery failed (its owners were told).
+        sent = f"last alert {when(last)}" if last is not None else "no alert since"
         renotify = f"; renotify_after {duration_text(policy.renotify_after)}" if policy.renotify_after is not None else ""
         reason = f"condition holds but notify: change and it already held at {when(since)} ({sent}{renotify})"
         return Outcome(NOT_SENT, reason, since, last)

@@ -219,11 +219,11 @@ def test_reasons_say_why_nothing_was_sent() -> None:
     assert reasons == [
         "condition false: rows | length > 0 → 0",
         "condition holds: rows | length > 0 → 1",
-        f"{HELD_AT_7.replace('07:00', '08:00')} (last sent 08:00; renotify_after 2h)",
+        f"{HELD_AT_7.replace('07:00', '08:00')} (last alert 08:00; renotify_after 2h)",
         "condition still holds: rows | length > 0 → 1 (renotify_after 2h)",
         "condition false: rows | length > 0 → 0",
     ]
-    assert run(CHANGE, [True, True])[1][1] == f"{HELD_AT_7} (last sent 07:00)"
+    assert run(CHANGE, [True, True])[1][1] == f"{HELD_AT_7} (last alert 07:00)"
     assert run(EACH_RECOVERED, [True, False])[1][1] == "recovered: condition no longer holds: rows | length > 0 → 0"
 
 

@@ -184,7 +184,8 @@ def test_alert_holds_then_not_then_again_with_notify_change_renotify_and_recover
     assert history.returncode == 0, history.stderr
     lines = history.stdout.splitlines()
     held = re.escape(
-        "condition holds but notify: change and it already held at 2026-03-02 07:00 UTC (last sent 2026-03-02 07:00 UTC; renotify_after 2h)"
+        "condition holds but notify: change and it already held at 2026-03-02 07:00 UTC "
+        "(last alert 2026-03-02 07:00 UTC; renotify_after 2h)"
     )
     for who in (ANN, BEN):
         assert any(re.match(rf"2026-03-02 08:00\s+big-orders\s+{who}\s+not-sent\s.*{held}", line) for line in lines), history.stdout
