@@ -5,6 +5,7 @@ a slot's rows and the previous evaluation, and the decision (send the alert, sen
 or send nothing, with the reason a person reads in `reporter history`). `judge` binds them to the
 ledger, where the first evaluation of a slot is recorded and is that slot's truth: a retry, a
 redelivered message or a second `send --slot` reads the recorded decision instead of evaluating again.
+Only scheduled slots record: a manual send evaluates for itself unless its slot was recorded.
 """
 
 from __future__ import annotations
@@ -460,12 +461,16 @@ def judge(
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str],
     at: SlotText | None = None,
+    record: bool = True,
 ) -> tuple[Evaluation, Evaluation | None]:
     """(this slot's evaluation, the one before it): the recorded one if there is one, else evaluated now
-    and recorded unless another execution recorded first (then that one wins). ConditionError, recording
-    nothing, if the condition cannot be evaluated."""
+    and, if RECORD, recorded unless another execution recorded first (then that one wins). ConditionError,
+    recording nothing, if the condition cannot be evaluated. A manual send passes RECORD=False: what it
+    decides must not become the next scheduled slot's `previous`."""
     found = store.evaluation(report, slot)
     before = store.previous_evaluation(report, slot)
     if found is None:
-        found = store.record_evaluation(evaluation(report, policy, slot, rows, columns, before, at))
+        found = evaluation(report, policy, slot, rows, columns, before, at)
+        if record:
+            found = store.record_evaluation(found)
     return found, before
