@@ -23,7 +23,7 @@ from reporter.runtime import Runtime
 from reporter.settings import Settings
 from reporter.sheets import XLSX_MIME
 from tests.conftest import Project
-from tests.test_alert_processes import ANN, BEN, HOUR, T0, alert_project, set_orders
+from tests.test_alert_processes import ANN, BEN, FIRST_ORDER_YAML, HOUR, T0, alert_project, set_orders
 from tests.test_deliver import Recorder
 
 
@@ -96,22 +96,6 @@ def test_an_alert_sends_every_format_and_its_charts(alert_runtime: tuple[Runtime
     assert sheet is not None and [c.value for c in sheet[2]] == ["07:00", 1234.5]
     images = [p for p in parsed.walk() if p.get_content_type() == "image/png"]
     assert len(images) == 1  # the chart, inline
-
-
-FIRST_ORDER_YAML = """\
-  first-order:
-    schedule: "0 * * * *"
-    subject: "No orders {{ slot.strftime('%H:%M') }}"
-    template: alert.html
-    query:
-      datasource: shop
-      sql: "select hour, amount from orders where hour = :hour"
-      params: {hour: "{{ slot.strftime('%H:%M') }}"}
-    value: "rows | first"
-    when: "row_count == 0"
-    recipients: [ann@example.com]
-    owners: [owner@example.com]
-"""
 
 
 def test_a_value_that_comes_out_undefined_fails_the_slot_with_the_reason(

@@ -97,6 +97,23 @@ ALERT_TEMPLATE = """<!doctype html><html><body>
 """
 
 
+# An alert when an hour has no orders, whose value reads the first order: undefined exactly when it alerts.
+FIRST_ORDER_YAML = """\
+  first-order:
+    schedule: "0 * * * *"
+    subject: "No orders {{ slot.strftime('%H:%M') }}"
+    template: alert.html
+    query:
+      datasource: shop
+      sql: "select hour, amount from orders where hour = :hour"
+      params: {hour: "{{ slot.strftime('%H:%M') }}"}
+    value: "rows | first"
+    when: "row_count == 0"
+    recipients: [ann@example.com]
+    owners: [owner@example.com]
+"""
+
+
 def publisher(broker: str) -> Celery:
     return Celery("test-publisher", broker=broker, set_as_current=False)
 
@@ -277,3 +294,17 @@ def test_send_sync_prints_not_sent_with_the_reason_and_exits_0(make_project: Cal
     ledger = Ledger.from_url(project.db_url)
     assert ledger.evaluation("big-orders", T0 + HOUR) is None
     ledger.dispose()
+
+
+def test_preview_and_send_of_an_undefined_value_say_why_without_a_traceback(make_project: Callable[..., Project], inbox: Inbox) -> None:
+    project = alert_project(make_project)
+    project.config.write_text(project.config.read_text() + FIRST_ORDER_YAML)
+    env = project.env(REPORTER_SMTP_URL=inbox.url)
+    why = "condition error: value: rows | first: is undefined (no rows?)"
+    preview = run_cli("preview", "first-order", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
+    assert preview.returncode == 1 and why in preview.stderr and "Traceback" not in preview.stderr, preview.stderr
+    done = run_cli("send", "first-order", "--sync", "--slot", isoformat(T0), env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{ANN}\tfailed\t{why}" in done.stdout.splitlines(), done.stdout
+    # Nobody got the alert; the owner was told why.
+    assert [(m["To"], why in m.get_content()) for m in inbox.messages] == [(OWNER, True)]
