@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 from pypdf import PdfReader
 
+from reporter import alert
 from reporter.ledger import FINAL, Ledger
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, run_cli, wait_until
@@ -282,10 +283,19 @@ def test_send_sync_prints_not_sent_with_the_reason_and_exits_0(make_project: Cal
     assert done.returncode == 0, done.stderr
     assert f"{ANN}\tnot-sent\tcondition false: value > 1000 → 50" in done.stdout.splitlines(), done.stdout
     assert inbox.messages == []
+    # A manual send records no evaluation (it would be the next scheduled slot's `previous`) ...
+    ledger = Ledger.from_url(project.db_url)
+    assert ledger.evaluation("big-orders", T0) is None
     preview = run_cli("preview", "big-orders", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
     assert preview.returncode == 0, preview.stderr
     assert "when:    value > 1000 → False (would not send; notify change)" in preview.stdout, preview.stdout
-    assert "this slot already ran and decided: condition false: value > 1000 → 50" in preview.stdout
+    assert "already ran" not in preview.stdout
+    # ... a scheduled one does, and preview shows what it decided.
+    policy = alert.Policy("value > 1000", "rows | sum(attribute='amount')", "change")
+    ledger.record_evaluation(alert.evaluation("big-orders", policy, T0, [{"hour": "07:00", "amount": 50.0}], ["hour", "amount"], None))
+    ledger.dispose()
+    preview = run_cli("preview", "big-orders", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
+    assert "this slot already ran and decided: condition false: value > 1000 → 50" in preview.stdout, preview.stdout
     set_orders(project, T0 + HOUR, 3000.0)
     ahead = run_cli("preview", "big-orders", "--slot", isoformat(T0 + HOUR), "--out", str(project.root / "preview"), env=env)
     assert "when:    value > 1000 → True (would send; notify change)" in ahead.stdout, ahead.stdout
