@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -471,6 +471,6 @@ def judge(
     before = store.previous_evaluation(report, slot)
     if found is None:
         found = evaluation(report, policy, slot, rows, columns, before, at)
-        if record:
-            found = store.record_evaluation(found)
+        # Unrecorded, the value still reads as the ledger would give it back, so the email is the same.
+        found = store.record_evaluation(found) if record else replace(found, value=from_json(to_json(found.value)))
     return found, before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -252,3 +253,35 @@ def test_templates_see_the_alert_and_the_value() -> None:
 def test_values_are_kept_as_json_numbers_dates_as_text() -> None:
     assert alert.from_json(alert.to_json({"a": Decimal("1.5"), "d": T0, "l": (1, 2)})) == {"a": 1.5, "d": T0.isoformat(), "l": [1, 2]}
     assert math.isnan(alert.from_json(alert.to_json(float("nan"))))
+
+
+class Store:
+    """An EvaluationStore in memory."""
+
+    def __init__(self) -> None:
+        self.kept: dict[datetime, Evaluation] = {}
+
+    def evaluation(self, report: str, slot: datetime) -> Evaluation | None:
+        return self.kept.get(slot)
+
+    def previous_evaluation(self, report: str, before: datetime) -> Evaluation | None:
+        earlier = [s for s in self.kept if s < before]
+        return self.kept[max(earlier)] if earlier else None
+
+    def record_evaluation(self, found: Evaluation) -> Evaluation:
+        kept = self.kept.setdefault(found.slot, found)
+        return replace(kept, value=alert.from_json(alert.to_json(kept.value)))
+
+
+def test_judge_without_recording_reads_the_recorded_slot_else_evaluates_and_keeps_nothing() -> None:
+    store = Store()
+    policy = Policy("value > 1", value="rows | sum(attribute='revenue')")
+    rows = [{"revenue": Decimal("1234.5")}]
+    scheduled, _ = alert.judge(store, "r", policy, T0, rows, ["revenue"])
+    manual, before = alert.judge(store, "r", policy, T0 + HOUR / 2, [], ["revenue"], record=False)
+    assert (manual.held, manual.decision, before) == (False, NOT_SENT, scheduled) and set(store.kept) == {T0}
+    # The same value an email would show from the ledger: a float, not a Decimal.
+    again, _ = alert.judge(store, "r", policy, T0 + HOUR, rows, ["revenue"], record=False)
+    assert type(again.value) is float and again.value == 1234.5 and set(store.kept) == {T0}
+    # A slot recorded already keeps its decision, however the data changed.
+    assert alert.judge(store, "r", policy, T0, [], ["revenue"], record=False)[0] == scheduled
