@@ -5,6 +5,7 @@ a slot's rows and the previous evaluation, and the decision (send the alert, sen
 or send nothing, with the reason a person reads in `reporter history`). `judge` binds them to the
 ledger, where the first evaluation of a slot is recorded and is that slot's truth: a retry, a
 redelivered message or a second `send --slot` reads the recorded decision instead of evaluating again.
+Only scheduled slots record: a manual send evaluates for itself unless its slot was recorded.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, Sequence, ValuesView
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -42,6 +43,8 @@ ROWS_KEPT = 1000
 ROWS_KEPT_BYTES = 256_000
 """...and at most this much of them as JSON, so that wide rows do not make a large ledger row either."""
 
+SECONDS_RE = re.compile(r"\d+(?:\.\d+)?")
+"""A duration written as a bare number in quotes ("90"): seconds, as the number 90 is."""
 DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 _env = SandboxedEnvironment(undefined=jinja2.StrictUndefined)
@@ -55,7 +58,7 @@ class ConditionError(RenderError):
 
 
 def parse_duration(value: Any) -> float:
-    """'30m', '24h', '2d', '1h30m', '90s' or a number of seconds -> seconds (> 0). ValueError if not."""
+    """'30m', '24h', '2d', '1h30m', '90s' or a number of seconds (90 or '90') -> seconds (> 0). ValueError if not."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration; write '30m', '24h', '2d', '1h30m' or a number of seconds")
     if isinstance(value, (int, float)):
@@ -63,10 +66,13 @@ def parse_duration(value: Any) -> float:
     else:
         text = str(value).strip().replace(" ", "")
         match = DURATION_RE.fullmatch(text)
-        if not text or match is None or not any(match.groups()):
+        if SECONDS_RE.fullmatch(text):
+            seconds = float(text)
+        elif not text or match is None or not any(match.groups()):
             raise ValueError(f"{value!r} is not a duration; write '30m', '24h', '2d', '1h30m' or a number of seconds")
-        d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
-        seconds = d * 86400 + h * 3600 + m * 60 + s
+        else:
+            d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+            seconds = d * 86400 + h * 3600 + m * 60 + s
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"{value!r} is not a duration above zero")
     return seconds
@@ -228,7 +234,8 @@ def evaluate(policy: Policy, ctx: Mapping[str, Any]) -> Verdict:
     ctx = dict(ctx)
     value = None
     if policy.value is not None:
-        value = _run("value", policy.value, ctx)
+        # Settled before `when` reads it: a generator read by `when` would be stored empty.
+        value = _settled("value", policy.value, _run("value", policy.value, ctx), ctx)
         ctx["value"] = value
     result = _run("when", policy.when, ctx)
     try:
@@ -239,12 +246,12 @@ def evaluate(policy: Policy, ctx: Mapping[str, Any]) -> Verdict:
         raise ConditionError(f"condition error: when: {policy.when}: {_why(exc)}") from None
     try:
         left = _left_side(policy.when)
-        seen = result if left is None else _evaluate_node(left, ctx)
+        shown = show(_materialise(result if left is None else _evaluate_node(left, ctx)))
     except INTERRUPTS:
         raise
-    except Exception:  # noqa: BLE001 - the left side alone is only for the message; the whole came out
-        seen = result
-    return Verdict(held, value, f"{policy.when} → {show(seen)}")
+    except Exception:  # noqa: BLE001 - the left side alone is only for the message (it may be undefined); the whole came out
+        shown = show(held)
+    return Verdict(held, value, f"{policy.when} → {shown}")
 
 
 def _run(key: str, source: str, ctx: Mapping[str, Any]) -> Any:
@@ -253,6 +260,38 @@ def _run(key: str, source: str, ctx: Mapping[str, Any]) -> Any:
     except INTERRUPTS:
         raise
     except Exception as exc:  # noqa: BLE001 - user expressions fail in many ways; each is the report's failure
+        raise ConditionError(f"condition error: {key}: {source}: {_why(exc)}") from None
+
+
+class _UndefinedValue(ValueError):
+    """An expression's result is, or holds, a Jinja Undefined (`rows | first` of no rows)."""
+
+
+def _materialise(value: Any) -> Any:
+    """VALUE with every iterator (a Jinja `map` or `select` without `| list`) made a list, in lists,
+    tuples and dicts too; _UndefinedValue if it is or holds an undefined value."""
+    if isinstance(value, jinja2.Undefined):
+        raise _UndefinedValue
+    if isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, dict):
+        return {k: _materialise(v) for k, v in value.items()}
+    if isinstance(value, (Iterator, KeysView, ValuesView, ItemsView, range, list)):
+        return [_materialise(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_materialise(v) for v in value)
+    return value
+
+
+def _settled(key: str, source: str, result: Any, ctx: Mapping[str, Any]) -> Any:
+    try:
+        return _materialise(result)
+    except _UndefinedValue:
+        hint = " (no rows?)" if not ctx.get("rows") else ""
+        raise ConditionError(f"condition error: {key}: {source}: is undefined{hint}") from None
+    except INTERRUPTS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an iterator that fails while read is the expression's failure
         raise ConditionError(f"condition error: {key}: {source}: {_why(exc)}") from None
 
 
@@ -276,7 +315,7 @@ class Outcome:
 
 def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation | None, at: SlotText | None = None) -> Outcome:
     """The decision for SLOT, given POLICY, its VERDICT and BEFORE (the previous evaluation, which carries
-    when the current run of holding slots began and when it last sent). AT formats a slot for a reason
+    when the current run of holding slots began and when it last alerted). AT formats a slot for a reason
     (default: ISO in UTC)."""
     when: SlotText = at or (lambda s: s.isoformat())
     was_held = before is not None and before.held
@@ -291,7 +330,8 @@ def decide(policy: Policy, verdict: Verdict, slot: datetime, before: Evaluation 
             return Outcome(
                 SEND, f"condition still holds: {verdict.shown} (renotify_after {duration_text(policy.renotify_after)})", since, slot
             )
-        sent = f"last sent {when(last)}" if last is not None else "not sent since"
+        # "alert", not "sent": a slot that decided to alert counts even if its delivery failed (its owners were told).
+        sent = f"last alert {when(last)}" if last is not None else "no alert since"
         renotify = f"; renotify_after {duration_text(policy.renotify_after)}" if policy.renotify_after is not None else ""
         reason = f"condition holds but notify: change and it already held at {when(since)} ({sent}{renotify})"
         return Outcome(NOT_SENT, reason, since, last)
@@ -309,11 +349,20 @@ def evaluation(
     before: Evaluation | None,
     at: SlotText | None = None,
 ) -> Evaluation:
-    """SLOT of REPORT evaluated and decided (pure): what the ledger records. ConditionError if it cannot be."""
+    """SLOT of REPORT evaluated and decided (pure): what the ledger records. ConditionError if it cannot
+    be, whatever the reason: the slot then fails with it, never stays unsent without one."""
     previous = before.as_previous() if before is not None else Previous()
-    verdict = evaluate(policy, context(rows, columns, slot, previous))
-    outcome = decide(policy, verdict, slot, before, at)
-    kept = kept_rows(rows)
+    try:
+        verdict = evaluate(policy, context(rows, columns, slot, previous))
+        outcome = decide(policy, verdict, slot, before, at)
+        kept = kept_rows(rows)
+        to_json(verdict.value)  # what the ledger will write: fail here, with the reason, not when recording
+    except ConditionError:
+        raise
+    except INTERRUPTS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else (a value JSON cannot hold) is still the alert's failure
+        raise ConditionError(f"condition error: {_why(exc)}") from None
     return Evaluation(
         report,
         slot,
@@ -412,12 +461,16 @@ def judge(
     rows: Sequence[Mapping[str, Any]],
     columns: Sequence[str],
     at: SlotText | None = None,
+    record: bool = True,
 ) -> tuple[Evaluation, Evaluation | None]:
     """(this slot's evaluation, the one before it): the recorded one if there is one, else evaluated now
-    and recorded unless another execution recorded first (then that one wins). ConditionError, recording
-    nothing, if the condition cannot be evaluated."""
+    and, if RECORD, recorded unless another execution recorded first (then that one wins). ConditionError,
+    recording nothing, if the condition cannot be evaluated. A manual send passes RECORD=False: what it
+    decides must not become the next scheduled slot's `previous`."""
     found = store.evaluation(report, slot)
     before = store.previous_evaluation(report, slot)
     if found is None:
-        found = store.record_evaluation(evaluation(report, policy, slot, rows, columns, before, at))
+        found = evaluation(report, policy, slot, rows, columns, before, at)
+        # Unrecorded, the value still reads as the ledger would give it back, so the email is the same.
+        found = store.record_evaluation(found) if record else replace(found, value=from_json(to_json(found.value)))
     return found, before

@@ -228,7 +228,7 @@ def send_slot(
         return result
     # However this block is left (soft time limit, shutdown), what was never tried is handed back.
     with ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine) as held:
-        rendered = render_once(rt, held)
+        rendered = render_once(rt, held, trigger=trigger)
         if rendered is None:
             return result
         mailing = Mailing.of(rt, name, report, rendered, who, held.pending)
@@ -242,13 +242,14 @@ def send_slot(
     return result
 
 
-def render_once(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
-    """HELD's slot rendered once for all its recipients; None if it cannot be (recorded for each)."""
+def render_once(rt: Runtime, held: ClaimedSlot, *, trigger: str = "schedule") -> Rendered | None:
+    """HELD's slot rendered once for all its recipients; None if it cannot be (recorded for each).
+    TRIGGER is what asked for the slot: an alert records its evaluation for scheduled slots only."""
     started = time.monotonic()
     try:
         if rt.config.reports[held.report].when is None:
             rendered = rt.renderer.render(held.report, held.slot)
-        elif (found := render_alert(rt, held)) is not None:
+        elif (found := render_alert(rt, held, trigger=trigger)) is not None:
             rendered = found
         else:
             return None
@@ -263,11 +264,12 @@ def render_once(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
     return rendered
 
 
-def render_alert(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
-    """HELD's slot of an alert report, rendered if its (recorded, else evaluated and recorded) decision
-    sends; None when it sends nothing, recorded `not-sent` with the reason for each recipient. A
-    condition that cannot be evaluated raises ConditionError (a RenderError: failed, owners told); a
-    datasource that is down raises TransientDeliveryError before anything is evaluated or recorded."""
+def render_alert(rt: Runtime, held: ClaimedSlot, *, trigger: str = "schedule") -> Rendered | None:
+    """HELD's slot of an alert report, rendered if its (recorded, else evaluated and, unless TRIGGER is
+    "manual", recorded) decision sends; None when it sends nothing, recorded `not-sent` with the reason
+    for each recipient. A condition that cannot be evaluated raises ConditionError (a RenderError:
+    failed, owners told); a datasource that is down raises TransientDeliveryError before anything is
+    evaluated or recorded."""
     name, slot = held.report, held.slot
     report = rt.config.reports[name]
     recorded = rt.ledger.evaluation(name, slot)
@@ -277,7 +279,14 @@ def render_alert(rt: Runtime, held: ClaimedSlot) -> Rendered | None:
     table = rt.renderer.fetch(name, slot)
     zone = rt.config.zone(report)
     found, before = alert.judge(
-        rt.ledger, name, alert.Policy.of(report), slot, table.dicts(), table.columns, at=lambda s: alert.slot_label(s, zone)
+        rt.ledger,
+        name,
+        alert.Policy.of(report),
+        slot,
+        table.dicts(),
+        table.columns,
+        at=lambda s: alert.slot_label(s, zone),
+        record=trigger != "manual",  # a manual send's decision is not the next scheduled slot's `previous`
     )
     if found.decision == alert.NOT_SENT:
         held.not_sent(held.pending, found.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -52,6 +53,27 @@ CONDITIONS = [
         "previous.rows | length < rows | length → 1",
     ),
     ("slot.hour == 7", None, ROWS, None, True, None, "slot.hour == 7 → 7"),
+    # A value that is an iterator (no `| list`) is kept as the list it yields, so it compares with the last one.
+    (
+        "value != previous.value",
+        "rows | map(attribute='revenue')",
+        ROWS,
+        Previous(value=[1234.5, 42.0], slot=T0 - HOUR),
+        False,
+        [1234.5, 42.0],
+        "value != previous.value → [1234.5, 42.0]",
+    ),
+    (
+        "value.a | length > 1",
+        "{'a': rows | map(attribute='region')}",
+        ROWS,
+        None,
+        True,
+        {"a": ["North", "South"]},
+        "value.a | length > 1 → 2",
+    ),
+    # The left side is only shown: when it is undefined, the reason shows the whole condition's result.
+    ("[rows | first] != []", None, [], None, True, None, "[rows | first] != [] → True"),
 ]
 
 
@@ -71,14 +93,31 @@ ERRORS = [
     ("value > 0", "rows | sum(attribute='region')", ROWS, "condition error: value: rows | sum(attribute='region'): TypeError"),
     ("rows.__class__", None, ROWS, "unsafe"),
     ("1 / 0", None, ROWS, "ZeroDivisionError"),
+    # A value that comes out undefined without an error is one too, not a value the ledger cannot keep.
+    ("row_count == 0", "rows | first", [], "condition error: value: rows | first: is undefined (no rows?)"),
+    ("row_count == 0", "rows[0]", [], "condition error: value: rows[0]: is undefined (no rows?)"),
+    ("row_count == 0", "rows | map(attribute='revenue') | max", [], "value: rows | map(attribute='revenue') | max: is undefined"),
+    ("row_count == 0", "[1, rows | first]", [], "condition error: value: [1, rows | first]: is undefined (no rows?)"),
+    ("row_count > 0", "{'top': rows[5]}", ROWS, "condition error: value: {'top': rows[5]}: is undefined"),
 ]
 
 
-@pytest.mark.parametrize(("when", "value", "rows", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+@pytest.mark.parametrize(("when", "value", "rows", "message"), ERRORS, ids=[e[1] or e[0] for e in ERRORS])
 def test_a_condition_that_cannot_be_evaluated_is_an_error(when: str, value: str | None, rows: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ConditionError) as info:
         alert.evaluate(Policy(when, value), ctx(rows))
     assert message in str(info.value)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("cannot be shown")
+
+
+def test_a_value_the_ledger_cannot_keep_is_a_condition_error_not_a_crash_when_recorded() -> None:
+    rows = [{"thing": Unprintable()}]
+    with pytest.raises(ConditionError, match="condition error: RuntimeError: cannot be shown"):
+        alert.evaluation("r", Policy("row_count > 0", value="rows[0].thing"), T0, rows, ["thing"], None)
 
 
 @pytest.mark.parametrize(
@@ -122,6 +161,8 @@ def test_names_used(source: str, names: set[str]) -> None:
         ("1h30m", 5400, "1h30m"),
         (90, 90, "1m30s"),
         ("45s", 45, "45s"),
+        ("90", 90, "1m30s"),  # quoted seconds, as the README says "or seconds"
+        (" 7200 ", 7200, "2h"),
         (0.5, 0.5, "0.5s"),
     ],
 )
@@ -130,7 +171,7 @@ def test_durations(written: Any, seconds: float, text: str) -> None:
     assert alert.duration_text(seconds) == text
 
 
-@pytest.mark.parametrize("written", ["soon", "", "h", "-5", 0, -3, True, "1x", "30 minutes"])
+@pytest.mark.parametrize("written", ["soon", "", "h", "-5", 0, -3, True, "1x", "30 minutes", "0", "1e3"])
 def test_bad_durations(written: Any) -> None:
     with pytest.raises(ValueError, match="duration"):
         alert.parse_duration(written)
@@ -179,11 +220,11 @@ def test_reasons_say_why_nothing_was_sent() -> None:
     assert reasons == [
         "condition false: rows | length > 0 → 0",
         "condition holds: rows | length > 0 → 1",
-        f"{HELD_AT_7.replace('07:00', '08:00')} (last sent 08:00; renotify_after 2h)",
+        f"{HELD_AT_7.replace('07:00', '08:00')} (last alert 08:00; renotify_after 2h)",
         "condition still holds: rows | length > 0 → 1 (renotify_after 2h)",
         "condition false: rows | length > 0 → 0",
     ]
-    assert run(CHANGE, [True, True])[1][1] == f"{HELD_AT_7} (last sent 07:00)"
+    assert run(CHANGE, [True, True])[1][1] == f"{HELD_AT_7} (last alert 07:00)"
     assert run(EACH_RECOVERED, [True, False])[1][1] == "recovered: condition no longer holds: rows | length > 0 → 0"
 
 
@@ -212,3 +253,35 @@ def test_templates_see_the_alert_and_the_value() -> None:
 def test_values_are_kept_as_json_numbers_dates_as_text() -> None:
     assert alert.from_json(alert.to_json({"a": Decimal("1.5"), "d": T0, "l": (1, 2)})) == {"a": 1.5, "d": T0.isoformat(), "l": [1, 2]}
     assert math.isnan(alert.from_json(alert.to_json(float("nan"))))
+
+
+class Store:
+    """An EvaluationStore in memory."""
+
+    def __init__(self) -> None:
+        self.kept: dict[datetime, Evaluation] = {}
+
+    def evaluation(self, report: str, slot: datetime) -> Evaluation | None:
+        return self.kept.get(slot)
+
+    def previous_evaluation(self, report: str, before: datetime) -> Evaluation | None:
+        earlier = [s for s in self.kept if s < before]
+        return self.kept[max(earlier)] if earlier else None
+
+    def record_evaluation(self, found: Evaluation) -> Evaluation:
+        kept = self.kept.setdefault(found.slot, found)
+        return replace(kept, value=alert.from_json(alert.to_json(kept.value)))
+
+
+def test_judge_without_recording_reads_the_recorded_slot_else_evaluates_and_keeps_nothing() -> None:
+    store = Store()
+    policy = Policy("value > 1", value="rows | sum(attribute='revenue')")
+    rows = [{"revenue": Decimal("1234.5")}]
+    scheduled, _ = alert.judge(store, "r", policy, T0, rows, ["revenue"])
+    manual, before = alert.judge(store, "r", policy, T0 + HOUR / 2, [], ["revenue"], record=False)
+    assert (manual.held, manual.decision, before) == (False, NOT_SENT, scheduled) and set(store.kept) == {T0}
+    # The same value an email would show from the ledger: a float, not a Decimal.
+    again, _ = alert.judge(store, "r", policy, T0 + HOUR, rows, ["revenue"], record=False)
+    assert type(again.value) is float and again.value == 1234.5 and set(store.kept) == {T0}
+    # A slot recorded already keeps its decision, however the data changed.
+    assert alert.judge(store, "r", policy, T0, [], ["revenue"], record=False)[0] == scheduled

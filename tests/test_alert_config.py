@@ -86,3 +86,9 @@ def test_validate_finds_a_syntax_error_in_the_recovered_subject(tmp_path: Path) 
         load_checked(path, {}, tmp_path / "templates")
     assert [(p.line, p.field) for p in info.value.problems] == [(9, "reports.r1.recovered.subject")]
     assert "template syntax error" in info.value.problems[0].message
+
+
+@pytest.mark.parametrize(("written", "seconds"), [("90", 90), ("'90'", 90), ('"5400"', 5400), ("2h", 7200)])
+def test_renotify_after_in_seconds_may_be_quoted(tmp_path: Path, written: str, seconds: float) -> None:
+    path = write_project(tmp_path, BASE + f"    when: rows\n    notify: change\n    renotify_after: {written}\n")
+    assert load(path, {}).reports["r1"].renotify_after == seconds

@@ -23,7 +23,7 @@ from reporter.runtime import Runtime
 from reporter.settings import Settings
 from reporter.sheets import XLSX_MIME
 from tests.conftest import Project
-from tests.test_alert_processes import ANN, BEN, HOUR, T0, alert_project, set_orders
+from tests.test_alert_processes import ANN, BEN, FIRST_ORDER_YAML, HOUR, T0, alert_project, set_orders
 from tests.test_deliver import Recorder
 
 
@@ -96,3 +96,65 @@ def test_an_alert_sends_every_format_and_its_charts(alert_runtime: tuple[Runtime
     assert sheet is not None and [c.value for c in sheet[2]] == ["07:00", 1234.5]
     images = [p for p in parsed.walk() if p.get_content_type() == "image/png"]
     assert len(images) == 1  # the chart, inline
+
+
+def test_a_value_that_comes_out_undefined_fails_the_slot_with_the_reason(
+    make_project: Callable[..., Project],
+) -> None:
+    # `rows | first` of no rows is a Jinja Undefined, not an error: it must fail the slot, not crash the send.
+    project = alert_project(make_project)
+    project.config.write_text(project.config.read_text() + FIRST_ORDER_YAML)
+    settings = Settings.from_env(project.env())
+    observer = Recorder()
+    ledger = Ledger.from_url(settings.database_url)
+    rt = Runtime(settings, load_checked(settings), ledger, LocalLimiter(), lambda: transport(None, settings.outbox), Observers([observer]))
+    try:
+        set_orders(project, T0, None)
+        result = send_slot(rt, "first-order", T0)
+        why = "condition error: value: rows | first: is undefined (no rows?)"
+        assert result.failed == {ANN: why} and not result.sent and not result.retry
+        assert [(r.recipient, r.status, r.error) for r in ledger.rows(report="first-order")] == [(ANN, "failed", why)]
+        assert ledger.evaluation("first-order", T0) is None
+        assert observer.told() == [(ANN, "failed", why)]
+    finally:
+        ledger.dispose()
+
+
+def subjects(project: Project) -> list[tuple[str, str]]:
+    """(To, Subject) of each email in the outbox."""
+    out = []
+    for msg in mailbox.Maildir(project.root / "outbox", create=False):
+        parsed = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+        out.append((str(parsed["To"]), str(parsed["Subject"])))
+    return sorted(out)
+
+
+def test_a_manual_send_neither_records_its_evaluation_nor_becomes_the_next_slots_previous(
+    alert_runtime: tuple[Runtime, Recorder, Project],
+) -> None:
+    rt, _, project = alert_runtime
+    cy, dan = "cy@example.com", "dan@example.com"
+    set_orders(project, T0, 5000.0)
+    assert sorted(send_slot(rt, "big-orders", T0).sent) == [ANN, BEN]  # 07:00: the alert
+    # A test send at 07:30 (`send --now --to cy`): the orders have gone, so cy gets the recovered email ...
+    test_slot = T0 + HOUR / 2
+    set_orders(project, test_slot, 50.0)
+    assert list(send_slot(rt, "big-orders", test_slot, only=[cy], trigger="manual").sent) == [cy]
+    assert rt.ledger.evaluation("big-orders", test_slot) is None
+    # ... and `send --slot 07:00 --to dan`, a slot recorded already, keeps its decision whatever the data says now.
+    set_orders(project, T0, 50.0)
+    assert list(send_slot(rt, "big-orders", T0, only=[dan], trigger="manual").sent) == [dan]
+    # 08:00, scheduled: compared with 07:00 (held), not with the test send, so the recipients do get recovered.
+    set_orders(project, T0 + HOUR, 50.0)
+    later = send_slot(rt, "big-orders", T0 + HOUR)
+    assert sorted(later.sent) == [ANN, BEN], later.not_sent
+    recorded = rt.ledger.evaluation("big-orders", T0 + HOUR)
+    assert recorded is not None and recorded.decision == "recovered"
+    assert subjects(project) == [
+        (ANN, "Alert 07:00: 5,000.00 EUR"),
+        (ANN, "Recovered 08:00"),
+        (BEN, "Alert 07:00: 5,000.00 EUR"),
+        (BEN, "Recovered 08:00"),
+        (cy, "Recovered 07:30"),
+        (dan, "Alert 07:00: 5,000.00 EUR"),
+    ]

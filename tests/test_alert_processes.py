@@ -22,6 +22,7 @@ import pytest
 from celery import Celery
 from pypdf import PdfReader
 
+from reporter import alert
 from reporter.ledger import FINAL, Ledger
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Project, Worker, run_cli, wait_until
@@ -94,6 +95,23 @@ ALERT_TEMPLATE = """<!doctype html><html><body>
 <p>Why: {{ alert.reason }}</p>
 {% for row in rows %}<p>Order at {{ row.hour }}: {{ row.amount }}</p>{% endfor %}
 </body></html>
+"""
+
+
+# An alert when an hour has no orders, whose value reads the first order: undefined exactly when it alerts.
+FIRST_ORDER_YAML = """\
+  first-order:
+    schedule: "0 * * * *"
+    subject: "No orders {{ slot.strftime('%H:%M') }}"
+    template: alert.html
+    query:
+      datasource: shop
+      sql: "select hour, amount from orders where hour = :hour"
+      params: {hour: "{{ slot.strftime('%H:%M') }}"}
+    value: "rows | first"
+    when: "row_count == 0"
+    recipients: [ann@example.com]
+    owners: [owner@example.com]
 """
 
 
@@ -184,7 +202,8 @@ def test_alert_holds_then_not_then_again_with_notify_change_renotify_and_recover
     assert history.returncode == 0, history.stderr
     lines = history.stdout.splitlines()
     held = re.escape(
-        "condition holds but notify: change and it already held at 2026-03-02 07:00 UTC (last sent 2026-03-02 07:00 UTC; renotify_after 2h)"
+        "condition holds but notify: change and it already held at 2026-03-02 07:00 UTC "
+        "(last alert 2026-03-02 07:00 UTC; renotify_after 2h)"
     )
     for who in (ANN, BEN):
         assert any(re.match(rf"2026-03-02 08:00\s+big-orders\s+{who}\s+not-sent\s.*{held}", line) for line in lines), history.stdout
@@ -264,10 +283,19 @@ def test_send_sync_prints_not_sent_with_the_reason_and_exits_0(make_project: Cal
     assert done.returncode == 0, done.stderr
     assert f"{ANN}\tnot-sent\tcondition false: value > 1000 → 50" in done.stdout.splitlines(), done.stdout
     assert inbox.messages == []
+    # A manual send records no evaluation (it would be the next scheduled slot's `previous`) ...
+    ledger = Ledger.from_url(project.db_url)
+    assert ledger.evaluation("big-orders", T0) is None
     preview = run_cli("preview", "big-orders", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
     assert preview.returncode == 0, preview.stderr
     assert "when:    value > 1000 → False (would not send; notify change)" in preview.stdout, preview.stdout
-    assert "this slot already ran and decided: condition false: value > 1000 → 50" in preview.stdout
+    assert "already ran" not in preview.stdout
+    # ... a scheduled one does, and preview shows what it decided.
+    policy = alert.Policy("value > 1000", "rows | sum(attribute='amount')", "change")
+    ledger.record_evaluation(alert.evaluation("big-orders", policy, T0, [{"hour": "07:00", "amount": 50.0}], ["hour", "amount"], None))
+    ledger.dispose()
+    preview = run_cli("preview", "big-orders", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
+    assert "this slot already ran and decided: condition false: value > 1000 → 50" in preview.stdout, preview.stdout
     set_orders(project, T0 + HOUR, 3000.0)
     ahead = run_cli("preview", "big-orders", "--slot", isoformat(T0 + HOUR), "--out", str(project.root / "preview"), env=env)
     assert "when:    value > 1000 → True (would send; notify change)" in ahead.stdout, ahead.stdout
@@ -276,3 +304,17 @@ def test_send_sync_prints_not_sent_with_the_reason_and_exits_0(make_project: Cal
     ledger = Ledger.from_url(project.db_url)
     assert ledger.evaluation("big-orders", T0 + HOUR) is None
     ledger.dispose()
+
+
+def test_preview_and_send_of_an_undefined_value_say_why_without_a_traceback(make_project: Callable[..., Project], inbox: Inbox) -> None:
+    project = alert_project(make_project)
+    project.config.write_text(project.config.read_text() + FIRST_ORDER_YAML)
+    env = project.env(REPORTER_SMTP_URL=inbox.url)
+    why = "condition error: value: rows | first: is undefined (no rows?)"
+    preview = run_cli("preview", "first-order", "--slot", isoformat(T0), "--out", str(project.root / "preview"), env=env)
+    assert preview.returncode == 1 and why in preview.stderr and "Traceback" not in preview.stderr, preview.stderr
+    done = run_cli("send", "first-order", "--sync", "--slot", isoformat(T0), env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"{ANN}\tfailed\t{why}" in done.stdout.splitlines(), done.stdout
+    # Nobody got the alert; the owner was told why.
+    assert [(m["To"], why in m.get_content()) for m in inbox.messages] == [(OWNER, True)]
