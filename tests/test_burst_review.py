@@ -8,6 +8,7 @@ inbox, and what people receive is read back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from reporter.config import load
 from reporter.errors import ConfigError
 from reporter.ledger import Ledger
 from tests import test_burst
-from tests.conftest import Inbox, run_cli
+from tests.conftest import Inbox, Worker, run_cli, wait_until
 from tests.test_burst import (
     BURST_BASE,
+    REGIONS,
     SLOT,
+    env_for,
     make_burst_project,
     pdf_text,
     received,
@@ -270,3 +273,38 @@ def test_send_to_a_reader_as_another_reader_is_refused(shipped_copy: Path, shipp
         "--as sends a reader's slice to an address that is not a reader"
     ) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow(minutes=2)
+def test_a_live_edit_dropping_burst_while_pieces_wait_sends_no_reader_the_whole_report(
+    tmp_path: Path, fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
+) -> None:
+    addresses = ["a@example.com", "b@example.com", "c@example.com"]
+    # 6 emails a minute and a 20 s soft limit: a reader a piece, the pieces 10 s apart.
+    root = make_burst_project(tmp_path / "p", addresses, rate="6/m", soft=20, hard=30)
+    # The worker looks at the files every second, so the edit below applies before the next piece starts.
+    env = env_for(root, REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url, REPORTER_RELOAD_INTERVAL="1")
+    start_worker(env, concurrency=1)
+    done = run_cli("send", "regional", "--slot", "2026-03-02T07:00", "--wait", "0", env=env, cwd=root)
+    assert "queued regional for 2026-03-02T07:00:00+00:00" in done.stderr, done.stderr  # not waiting for it
+    made = Ledger.from_url(f"sqlite:///{root}/ledger.db")
+    slot = datetime(2026, 3, 2, 7, 0, tzinfo=UTC)
+
+    def statuses() -> dict[str, str]:
+        return {r.recipient: r.status for r in made.rows(report="regional", slot=slot)}
+
+    wait_until(lambda: "sent" in statuses().values(), 60, "the first piece")
+    drop_burst(root)  # the other pieces wait in Redis, and then run under the edited configuration
+    final = ("sent", "not-sent", "failed", "planned")
+    wait_until(lambda: len(statuses()) == 4 and all(s in final for s in statuses().values()), 90, "the other pieces")
+    rows = statuses()
+    sent = [a for a in addresses if rows[a] == "sent"]
+    assert len(sent) == 1, [(r.recipient, r.status, r.config_version, r.error) for r in made.rows(report="regional", slot=slot)]
+    first = sent[0]
+    assert sorted(a for a in addresses if rows[a] == "not-sent") == sorted(set(addresses) - {first}), rows
+    time.sleep(1)  # a wrongly sent message, if any, would arrive now
+    assert [rcpts for _, rcpts in inbox.envelopes] == [[first]], "nobody else got anything, least of all the whole report"
+    [msg] = inbox.messages
+    assert "Total 166,666.65" not in pdf_text(msg) and f"Sales of {REGIONS[addresses.index(first)]}" in pdf_text(msg)
+    made.dispose()
