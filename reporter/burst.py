@@ -10,12 +10,19 @@ The send that claims it **plans**:
    row with the reason (insert-if-absent: a row that exists keeps its params and its status);
 3. enqueues the readers not yet done in **pieces** (`piece_plan`): ordinary `email_reports.send` tasks
    with `only=` their keys, each small enough to finish well inside the soft time limit at the rate
-   limit, and staggered so that pieces on several workers do not spend their limit waiting on it;
+   limit, and staggered so that pieces on several workers do not spend their limit waiting on it (but
+   starting within the dispatcher's longest ETA, which the broker's visibility timeout outlasts);
 4. marks the planning row `planned`, with a summary ("50 readers in 2 piece(s); 3 malformed row(s)").
 
 A **piece** claims its rows as any send does, reads their parameters from the ledger, renders once per
 parameter set (`slices`) and sends each reader its message (`group: true`: one message per parameter
-set to all its readers). Every invariant of `deliver.ClaimedSlot` holds for it unchanged.
+set to all its readers). Every invariant of `deliver.ClaimedSlot` holds for it unchanged. A piece
+that shares the rate limit or renders slowly hands the slices it has not started, past PIECE_DEADLINE of
+its soft time limit, to a fresh piece rather than run into the limit and spend a retry.
+
+**Losing `burst:`.** A live edit can leave a slot's pieces queued for a report that no longer has
+`burst:`: the plain send path hands the rows a planning made to `unplanned_rows`, which records them
+`not-sent`, so a reader never gets the whole report.
 
 **Crash safety.** The ledger key stays (report, slot, recipient), so a reader gets one email per slot.
 Planning killed midway: its row goes stale and the sweep (or a redelivery) plans again, which is
