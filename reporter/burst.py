@@ -10,12 +10,19 @@ The send that claims it **plans**:
    row with the reason (insert-if-absent: a row that exists keeps its params and its status);
 3. enqueues the readers not yet done in **pieces** (`piece_plan`): ordinary `email_reports.send` tasks
    with `only=` their keys, each small enough to finish well inside the soft time limit at the rate
-   limit, and staggered so that pieces on several workers do not spend their limit waiting on it;
+   limit, and staggered so that pieces on several workers do not spend their limit waiting on it (but
+   starting within the dispatcher's longest ETA, which the broker's visibility timeout outlasts);
 4. marks the planning row `planned`, with a summary ("50 readers in 2 piece(s); 3 malformed row(s)").
 
 A **piece** claims its rows as any send does, reads their parameters from the ledger, renders once per
 parameter set (`slices`) and sends each reader its message (`group: true`: one message per parameter
-set to all its readers). Every invariant of `deliver.ClaimedSlot` holds for it unchanged.
+set to all its readers). Every invariant of `deliver.ClaimedSlot` holds for it unchanged. A piece
+that shares the rate limit or renders slowly hands the slices it has not started, past PIECE_DEADLINE of
+its soft time limit, to a fresh piece rather than run into the limit and spend a retry.
+
+**Losing `burst:`.** A live edit can leave a slot's pieces queued for a report that no longer has
+`burst:`: the plain send path hands the rows a planning made to `unplanned_rows`, which records them
+`not-sent`, so a reader never gets the whole report.
 
 **Crash safety.** The ledger key stays (report, slot, recipient), so a reader gets one email per slot.
 Planning killed midway: its row goes stale and the sweep (or a redelivery) plans again, which is
@@ -37,7 +44,7 @@ from typing import Any
 
 from reporter import defaults
 from reporter.audience import BURST_KEY, Audience, key_of
-from reporter.config import Config, Report, normalize_address
+from reporter.config import Config, Report, bind_names, normalize_address, reads_reader
 from reporter.data import Table
 from reporter.deliver import ClaimedSlot, Mailing, SendResult, send_message
 from reporter.errors import RenderError, TransientDeliveryError
@@ -51,6 +58,17 @@ MAX_PIECE = 100
 
 PIECE_SHARE = 0.5
 """The share of the soft time limit a piece may spend waiting on the rate limit; the rest is for rendering."""
+
+PIECE_DEADLINE = 0.6
+"""The share of the soft time limit after which a piece starts no further slice: it hands the rest to a
+fresh piece (other traffic on the rate limit, slow renders) instead of running into the limit and
+spending a retry."""
+
+NO_LONGER_BURST = (
+    "planned as a burst reader's slice, and the report is no longer a burst report (configuration {version}): "
+    "a reader never gets the whole report"
+)
+"""Why a row a burst planning made gets nothing once its report lost `burst:` (the reader's row, the planning row)."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -160,15 +178,41 @@ def piece_size(soft_time_limit: float, rate: float, cap: int = MAX_PIECE) -> int
     return max(1, min(cap, math.floor(soft_time_limit * rate * PIECE_SHARE)))
 
 
-def piece_plan(readers: Sequence[Reader], soft_time_limit: float, rate: float, cap: int = MAX_PIECE) -> list[Piece]:
+def piece_plan(
+    readers: Sequence[Reader], soft_time_limit: float, rate: float, cap: int = MAX_PIECE, latest: float = math.inf
+) -> list[Piece]:
     """READERS in pieces of `piece_size`, ordered by their parameters (readers that share them land in
     one piece and share its render); piece i starts i * size / RATE seconds from now, when the rate
-    limit has let the earlier pieces' emails through."""
+    limit has let the earlier pieces' emails through, but no later than LATEST seconds from now (a
+    message waiting longer than the broker's visibility timeout is handed to a second worker): pieces
+    past it start together and share the rate limit, each handing what it cannot send in time to a
+    fresh piece (`send_piece`'s deadline)."""
     size = piece_size(soft_time_limit, rate, cap)
     ordered = sorted(readers, key=lambda r: (json.dumps(r.params, sort_keys=True, ensure_ascii=False), r.key))
     return [
-        Piece(tuple(r.key for r in ordered[start : start + size]), (start // size) * size / rate) for start in range(0, len(ordered), size)
+        Piece(tuple(r.key for r in ordered[start : start + size]), min((start // size) * size / rate, latest))
+        for start in range(0, len(ordered), size)
     ]
+
+
+def reader_use_problems(sql: str, params: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
+    """Why a burst report's query (SQL, its own PARAMS) cannot take its readers' parameters (COLUMNS, the
+    burst rows' columns but the address): names it binds that no column gives, and params that hide a
+    reader's parameter of the same name behind a value that does not read `reader` (params win)."""
+    problems = []
+    missing = sorted(bind_names(sql) - set(params) - set(columns))
+    if missing:
+        problems.append(
+            f"the report's query binds {', '.join(':' + m for m in missing)}, which the burst rows do not give "
+            f"(their parameters: {', '.join(columns) or 'none'})"
+        )
+    for key in sorted(set(params) & set(columns)):
+        if not reads_reader(params[key]):
+            problems.append(
+                f"query.params.{key} replaces every reader's own {key!r} with the same value (query.params win over "
+                f"the reader's parameters); remove it, or compute it from `reader`"
+            )
+    return problems
 
 
 def slices(stored: Mapping[str, str], group: bool, per_reader: bool) -> list[Slice]:
@@ -284,9 +328,11 @@ def send_burst(
     """deliver.send_slot for burst report NAME: plan the slot (no ONLY, or ONLY holds the planning row),
     or send the readers ONLY names. ENQUEUE publishes a piece (default: a send task on the queue TRIGGER
     belongs on)."""
+    publish = enqueue or _publisher(rt, name, slot, trigger)
     if only is None or BURST_KEY in only:
-        return plan(rt, name, slot, trigger, task_id, enqueue or _publisher(rt, name, slot, trigger))
-    return send_piece(rt, name, slot, only, task_id)
+        return plan(rt, name, slot, trigger, task_id, publish)
+    deadline = time.monotonic() + PIECE_DEADLINE * rt.time_limits(name)[0]
+    return send_piece(rt, name, slot, only, task_id, deadline=deadline, enqueue=publish)
 
 
 def _publisher(rt: Runtime, name: str, slot: datetime, trigger: str) -> Callable[[Piece], None]:
@@ -323,6 +369,12 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
         except TransientDeliveryError as exc:
             held.retry([BURST_KEY], f"burst: {exc}")
             return result
+        if report.query is not None and found:
+            columns = list(dict.fromkeys(p for r in found for p in r.params))
+            problems = reader_use_problems(report.query.sql, report.query.params, columns)
+            if problems:
+                held.failed([BURST_KEY], "burst: " + "; ".join(problems))
+                return result
         errors = {m.key: m.error for m in malformed}
         # Only rows this planning recorded: a second planning does not tell the owners again.
         for key in rt.ledger.record_failed(name, slot, errors, trigger):
@@ -331,7 +383,7 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
         rt.ledger.ensure_readers(name, slot, {r.key: r.stored() for r in found}, trigger)
         statuses = rt.ledger.statuses(name, slot)
         todo = [r for r in found if statuses.get(r.key) not in FINAL]
-        pieces = piece_plan(todo, rt.time_limits(name)[0], rt.config.rate_of(report))
+        pieces = piece_plan(todo, rt.time_limits(name)[0], rt.config.rate_of(report), latest=latest_start(rt))
         _enqueue_all(rt, name, slot, pieces, enqueue)
         summary = f"{len(found)} readers in {len(pieces)} piece(s)"
         if len(todo) < len(found):
@@ -356,16 +408,63 @@ def requeue(rt: Runtime, name: str, slot: datetime, keys: Sequence[str], enqueue
     a planning, the readers in pieces as planning makes them (never one task for all of them).
     ENQUEUE publishes a piece (default: a send task on the scheduled queue)."""
     publish = enqueue or _publisher(rt, name, slot, "schedule")
+    # Dead rows (claimed by an execution that died) first go back to queued, so that `expect` stamps them
+    # with their piece's start and the next sweep does not take them again and send them in a piece of its own.
+    rt.ledger.requeue_dead(name, slot, keys, datetime.now(UTC) - timedelta(seconds=rt.stale_after))
     if BURST_KEY in keys:
         publish(Piece((BURST_KEY,), 0.0))
     stored = rt.ledger.params_of(name, slot, [k for k in keys if k != BURST_KEY])
     # Ordered by their parameters as planning orders them; a row without any still gets its piece (and fails there).
     found = [Reader(k, k, {p: v for p, v in json.loads(text or "{}").items() if p != "address"}, 0) for k, text in stored.items()]
-    _enqueue_all(rt, name, slot, piece_plan(found, rt.time_limits(name)[0], rt.config.rate_of(rt.config.report(name))), publish)
+    report = rt.config.report(name)
+    pieces = piece_plan(found, rt.time_limits(name)[0], rt.config.rate_of(report), latest=latest_start(rt))
+    _enqueue_all(rt, name, slot, pieces, publish)
 
 
-def send_piece(rt: Runtime, name: str, slot: datetime, only: Sequence[str], task_id: str | None = None) -> SendResult:
-    """Deliver the burst readers ONLY names, each their own slice, exactly once each."""
+def latest_start(rt: Runtime) -> float:
+    """Seconds from now a piece may wait at most: the longest ETA the dispatcher itself gives, which the
+    broker's visibility timeout outlasts (reporter.app), so a waiting piece is never handed to a second worker."""
+    from reporter.beat import longest_eta
+
+    return float(longest_eta(rt.config, datetime.now(UTC)))
+
+
+def unplanned_rows(
+    rt: Runtime, name: str, slot: datetime, only: Sequence[str], result: SendResult, task_id: str | None = None
+) -> list[str]:
+    """ONLY (a send's addresses for report NAME, which has no `burst:`) without the rows a burst planning
+    made: the planning row and readers' rows with parameters, left queued or in flight by a configuration
+    that had `burst:`. Those are claimed and recorded `not-sent` (NO_LONGER_BURST), never sent the whole
+    report; what is left is returned."""
+    keyed = {a: a if a.startswith("(") else key_of(a) for a in only}
+    stored = rt.ledger.params_of(name, slot, [k for k in keyed.values() if k != BURST_KEY])
+    sliced = [k for k in dict.fromkeys(keyed.values()) if k == BURST_KEY or stored.get(k)]
+    if not sliced:
+        return list(only)
+    claim = rt.ledger.claim(name, slot, sliced, rt.stale_after, task_id, config_version=rt.config.version)
+    result.already.extend(claim.done)
+    result.busy.extend(claim.busy)
+    result.busy_until = claim.busy_until
+    if claim.mine:
+        why = NO_LONGER_BURST.format(version=rt.config.version)
+        ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine).not_sent(claim.mine, why)
+    return [a for a, k in keyed.items() if k not in sliced]
+
+
+def send_piece(
+    rt: Runtime,
+    name: str,
+    slot: datetime,
+    only: Sequence[str],
+    task_id: str | None = None,
+    deadline: float | None = None,
+    enqueue: Callable[[Piece], None] | None = None,
+) -> SendResult:
+    """Deliver the burst readers ONLY names, each their own slice, exactly once each.
+
+    Past DEADLINE (time.monotonic()), the slices not started yet are handed back and ENQUEUEd as a fresh
+    piece (not a retry: no retry is spent on waiting) and this one returns; the first slice is always
+    tried, so every piece gets somewhere."""
     report = rt.config.report(name)
     keys = list(dict.fromkeys(key_of(a) for a in only))
     result = SendResult(name, slot)
@@ -383,7 +482,10 @@ def send_piece(rt: Runtime, name: str, slot: datetime, only: Sequence[str], task
         parts = slices({k: str(stored[k]) for k in held.pending}, report.group, per_reader(rt.config, report))
         mailer = rt.transport()
         try:
-            for part in parts:
+            for number, part in enumerate(parts):
+                if number and deadline is not None and time.monotonic() > deadline:
+                    _hand_on(rt, held, enqueue or _publisher(rt, name, slot, "schedule"))
+                    return result
                 rendered = _render(rt, held, part)
                 if rendered is None:
                     continue
@@ -398,6 +500,14 @@ def send_piece(rt: Runtime, name: str, slot: datetime, only: Sequence[str], task
         finally:
             mailer.close()
     return result
+
+
+def _hand_on(rt: Runtime, held: ClaimedSlot, enqueue: Callable[[Piece], None]) -> None:
+    """Hand HELD's rows not tried yet back (queued) and enqueue them as a fresh piece that starts now."""
+    rest = tuple(k for k in held.pending if k not in held.in_flight)
+    held.release("the piece ran out of time before this slice: handed to a fresh piece")
+    if rest:
+        _enqueue_all(rt, held.report, held.slot, [Piece(rest, 0.0)], enqueue)
 
 
 def _render(rt: Runtime, held: ClaimedSlot, part: Slice) -> Rendered | None:

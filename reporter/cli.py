@@ -403,6 +403,11 @@ def _send_burst(rt: Runtime, report: str, at: datetime, to: list[str], as_: str 
             fail(burst.not_a_reader(as_, report, found))
         slices = {}
         for address, key in zip(to, keys, strict=True):
+            if source is not None and key in by_key and by_key[key] is not source:
+                # Its row is its own slice's: a slot sends a reader one email, so --as cannot replace it.
+                fail(
+                    f"{address} is a reader of {report} with its own slice; --as sends a reader's slice to an address that is not a reader"
+                )
             reader = source or by_key.get(key)
             if reader is None:
                 fail(burst.not_a_reader(address, report, found, advice=True))

@@ -732,6 +732,22 @@ def _check_alert(report: dict[str, Any], loc: Path_, bad: Any, templates: Mappin
             bad((*loc, "recovered", key), f"template {template!r} not found in {templates_dir}")
 
 
+_READS_READER = re.compile(r"\breader\b")
+
+
+def bind_names(sql: str) -> set[str]:
+    """The names SQL binds (`:region`), as SQLAlchemy's text() finds them (it ignores a value given for
+    any other name, silently)."""
+    import sqlalchemy as sa
+
+    return set(sa.text(sql).compile().params)
+
+
+def reads_reader(value: Any) -> bool:
+    """Whether a query parameter's expression VALUE reads `reader`."""
+    return bool(_READS_READER.search(str(value)))
+
+
 def _check_burst(report: dict[str, Any], loc: Path_, bad: Any) -> None:
     """A burst report takes its readers from burst: (never from recipients, cc or bcc); any other report needs recipients."""
     burst = report.get("burst")
@@ -744,6 +760,16 @@ def _check_burst(report: dict[str, Any], loc: Path_, bad: Any) -> None:
             bad((*loc, key), f"a burst report's readers come from burst: (one row each); remove '{key}'")
     if report.get("when") is not None:
         bad((*loc, "when"), "an alert cannot be a burst report (a condition per reader is not supported); make two reports")
+    query = report.get("query")
+    if isinstance(query, dict) and isinstance(query.get("sql"), str):
+        given = query.get("params")
+        params: dict[str, Any] = given if isinstance(given, dict) else {}
+        if not bind_names(query["sql"]) - set(params) and not any(reads_reader(v) for v in params.values()):
+            why = (
+                "a burst report's query must use the reader's parameters, e.g. `and region = :region`; "
+                "as written every reader gets the same rows"
+            )
+            bad((*loc, "query", "sql"), why)
     if isinstance(burst, dict):
         given = [key for key in ("query", "function") if burst.get(key) is not None]
         if len(given) != 1:

@@ -217,13 +217,21 @@ def send_slot(
         from reporter import burst  # it builds on this module
 
         return burst.send_burst(rt, name, slot, only, trigger, task_id)
+    result = SendResult(name, slot)
+    if only:
+        from reporter import burst
+
+        # Rows a burst planning made, left by a configuration that had burst:, never get the whole report.
+        only = burst.unplanned_rows(rt, name, slot, only, result, task_id)
+        if not only:
+            return result
     # Cc and Bcc readers are rows like any recipient: claimed, sent once and recorded (audience.py).
     who = audience(report, only or None)
-    result = SendResult(name, slot)
     rt.ledger.ensure(name, slot, who.keys(), trigger)
     claim = rt.ledger.claim(name, slot, who.keys(), rt.stale_after, task_id, config_version=rt.config.version)
-    result.already = list(claim.done)
-    result.busy, result.busy_until = list(claim.busy), claim.busy_until
+    result.already.extend(claim.done)
+    result.busy.extend(claim.busy)
+    result.busy_until = max((t for t in (result.busy_until, claim.busy_until) if t is not None), default=None)
     if not claim.mine:
         return result
     # However this block is left (soft time limit, shutdown), what was never tried is handed back.

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -233,7 +233,10 @@ BATCH = 500
 """Names per IN (...) list: well under every database's limit on bound parameters (SQLite's is 32,766)."""
 
 
-def _batches(names: list[str]) -> Iterator[list[str]]:
+_T = TypeVar("_T")
+
+
+def _batches(names: list[_T]) -> Iterator[list[_T]]:
     for i in range(0, len(names), BATCH):
         yield names[i : i + BATCH]
 
@@ -583,9 +586,22 @@ class Ledger:
         columns = (c.id, c.report, c.slot, c.recipient, c.attempts, c.status)
         with self.engine.begin() as conn:
             rows = conn.execute(sa.select(*columns).where(dead | lost)).all()
-            if rows:
-                conn.execute(deliveries.update().where(deliveries.c.id.in_([r.id for r in rows]) & lost).values(updated_at=now()))
+            stamp = now()
+            # In batches: a burst can leave thousands of rows stuck at once, more than a database binds.
+            for batch in _batches([r.id for r in rows]):
+                conn.execute(deliveries.update().where(deliveries.c.id.in_(batch) & lost).values(updated_at=stamp))
         return [Stuck(r.report, r.slot, r.recipient, r.attempts, r.status in IN_FLIGHT) for r in rows]
+
+    def requeue_dead(self, report: str, slot: datetime, recipients: Sequence[str], stale_before: datetime) -> int:
+        """Hand RECIPIENTS' rows that are in flight with a claim older than STALE_BEFORE (their holder died)
+        back to queued, for a new task; a row claimed again meanwhile is left alone. Returns how many."""
+        held = deliveries.c.status.in_(IN_FLIGHT) & (deliveries.c.claimed_at < stale_before)
+        changed = 0
+        with self.engine.begin() as conn:
+            for batch in _batches(list(recipients)):
+                values = {"status": QUEUED, "claim_token": None, "claimed_at": None, "updated_at": now()}
+                changed += conn.execute(deliveries.update().where(_key(report, slot, batch) & held).values(values)).rowcount or 0
+        return changed
 
     def skip_stuck(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
         """Record rows found by `stuck` (queued, or claimed by a dead execution) as skipped."""
