@@ -238,6 +238,9 @@ def evaluate(policy: Policy, ctx: Mapping[str, Any]) -> Verdict:
         value = _settled("value", policy.value, _run("value", policy.value, ctx), ctx)
         ctx["value"] = value
     result = _run("when", policy.when, ctx)
+    if not isinstance(result, jinja2.Undefined):  # bool() of an undefined one says which name, below
+        # Settled too: a generator (`rows | selectattr(...)` without `| list`) is truthy even when empty.
+        result = _settled("when", policy.when, result, ctx)
     try:
         held = bool(result)
     except INTERRUPTS:

@@ -53,6 +53,17 @@ CONDITIONS = [
         "previous.rows | length < rows | length → 1",
     ),
     ("slot.hour == 7", None, ROWS, None, True, None, "slot.hour == 7 → 7"),
+    # A condition that is an iterator (no `| list`) is judged by what it yields: nothing is false, not "a generator".
+    ("rows | selectattr('revenue', 'gt', 5000)", None, ROWS, None, False, None, "rows | selectattr('revenue', 'gt', 5000) → []"),
+    (
+        "rows | selectattr('revenue', 'gt', 1000) | map(attribute='region')",
+        None,
+        ROWS,
+        None,
+        True,
+        None,
+        "rows | selectattr('revenue', 'gt', 1000) | map(attribute='region') → [\"North\"]",
+    ),
     # A value that is an iterator (no `| list`) is kept as the list it yields, so it compares with the last one.
     (
         "value != previous.value",
