@@ -185,6 +185,8 @@ class Stuck:
     attempts: int
     dead: bool
     """True: claimed by an execution that died; False: queued, its task lost."""
+    trigger: str = "schedule"
+    """What made the row (schedule, or manual for a send-now): its new task is the same kind."""
 
 
 @dataclass(frozen=True)
@@ -583,14 +585,14 @@ class Ledger:
             | ((deliveries.c.attempts > 0) & (deliveries.c.updated_at < retry_before))
         )
         c = deliveries.c
-        columns = (c.id, c.report, c.slot, c.recipient, c.attempts, c.status)
+        columns = (c.id, c.report, c.slot, c.recipient, c.attempts, c.status, c.trigger)
         with self.engine.begin() as conn:
             rows = conn.execute(sa.select(*columns).where(dead | lost)).all()
             stamp = now()
             # In batches: a burst can leave thousands of rows stuck at once, more than a database binds.
             for batch in _batches([r.id for r in rows]):
                 conn.execute(deliveries.update().where(deliveries.c.id.in_(batch) & lost).values(updated_at=stamp))
-        return [Stuck(r.report, r.slot, r.recipient, r.attempts, r.status in IN_FLIGHT) for r in rows]
+        return [Stuck(r.report, r.slot, r.recipient, r.attempts, r.status in IN_FLIGHT, r.trigger) for r in rows]
 
     def requeue_dead(self, report: str, slot: datetime, recipients: Sequence[str], stale_before: datetime) -> int:
         """Hand RECIPIENTS' rows that are in flight with a claim older than STALE_BEFORE (their holder died)

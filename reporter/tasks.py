@@ -200,11 +200,13 @@ def sweep() -> dict[str, Any]:
         queued_before=now - grace,
         retry_before=now - timedelta(seconds=defaults.RETRY_BACKOFF_MAX) - grace,
     )
-    groups: dict[tuple[str, datetime], list[Stuck]] = {}
+    # By trigger too: a send-now's rows go back as a send-now (urgent, and an alert's manual send records
+    # no evaluation), a scheduled slot's as scheduled.
+    groups: dict[tuple[str, datetime, str], list[Stuck]] = {}
     for row in found:
-        groups.setdefault((row.report, row.slot), []).append(row)
+        groups.setdefault((row.report, row.slot, row.trigger), []).append(row)
     counts = {"re_enqueued": 0, "gave_up": 0, "skipped": 0}
-    for (report, slot), rows in groups.items():
+    for (report, slot, trigger), rows in groups.items():
         if report not in rt.config.reports:
             gone = "the report is no longer in the configuration"
             counts["skipped"] += rt.ledger.skip_stuck(report, slot, [r.recipient for r in rows], gone)
@@ -222,6 +224,7 @@ def sweep() -> dict[str, Any]:
             if rt.config.reports[report].burst is not None:
                 burst.requeue(rt, report, slot, again)  # in pieces, each within the time limit
             else:
-                enqueue_send(rt, Due(report, slot), only=again)
+                queue = defaults.QUEUE_URGENT if trigger == "manual" else defaults.QUEUE_SCHEDULED
+                enqueue_send(rt, Due(report, slot), queue=queue, only=again, trigger=trigger)
             counts["re_enqueued"] += len(again)
     return counts
