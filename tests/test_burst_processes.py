@@ -3,9 +3,7 @@ sweep) and an SMTP server, with pool processes and whole workers SIGKILLed while
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +18,7 @@ from reporter.runner import free_port
 from reporter.schedule import isoformat
 from tests.conftest import Inbox, Worker, run_cli, serving, wait_until
 from tests.test_burst import REGIONS, amount_of, env_for, make_burst_project, pdf_text
-from tests.test_reliability import TimedInbox, children, delivered, dispatch_past_days
+from tests.test_reliability import TimedInbox, delivered, dispatch_past_days, kill_one
 
 pytestmark = [pytest.mark.integration]
 
@@ -67,15 +65,7 @@ def test_a_burst_of_50_readers_across_two_workers_with_sigkills_reaches_each_rea
     while time.monotonic() - started < 40 and not (kills["worker"] and all(r.status in ("sent", "planned") for r in burst_rows())):
         time.sleep(rng.uniform(0.5, 1.5))
         in_flight_at_kill |= {r.recipient for r in burst_rows("sending")}
-        victim = rng.choice([w for w in workers if w.proc.poll() is None])
-        if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
-            os.kill(rng.choice(kids), signal.SIGKILL)
-            kills["child"] += 1
-        else:
-            os.killpg(victim.proc.pid, signal.SIGKILL)
-            victim.proc.wait()
-            kills["worker"] += 1
-            workers = [w for w in workers if w is not victim] + [start_worker(env, concurrency=2)]
+        workers = kill_one(workers, rng, kills, lambda: start_worker(env, concurrency=2))
     assert kills["child"] >= 2 and kills["worker"] >= 1, kills
 
     def done() -> bool:

@@ -130,6 +130,20 @@ def rows(slot, report):
 # ----------------------------------------------------------------------------- crashes
 
 
+def kill_one(workers: list[Worker], rng: random.Random, kills: dict[str, int], restart: Callable[[], Worker]) -> list[Worker]:
+    """SIGKILL, at random, a pool process of a live worker (7 in 10) or a whole worker, which RESTART replaces;
+    count it in KILLS ('child' or 'worker'); return the workers now running."""
+    victim = rng.choice([w for w in workers if w.proc.poll() is None])
+    if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
+        os.kill(rng.choice(kids), signal.SIGKILL)
+        kills["child"] += 1
+        return workers
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait()
+    kills["worker"] += 1
+    return [w for w in workers if w is not victim] + [restart()]
+
+
 @pytest.mark.slow(minutes=2)
 def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     make_project: Callable[..., Project],
@@ -172,15 +186,7 @@ def test_sigkill_children_and_whole_workers_every_recipient_gets_exactly_one(
     while time.monotonic() - started < 40 and not all(r.status == "sent" for r in chaos_rows()):
         time.sleep(rng.uniform(0.5, 1.5))
         in_flight_at_kill |= {(isoformat(r.slot), r.recipient) for r in chaos_rows("sending")}
-        victim = rng.choice([w for w in workers if w.proc.poll() is None])
-        if rng.random() < 0.7 and (kids := children(victim.proc.pid)):
-            os.kill(rng.choice(kids), signal.SIGKILL)
-            kills["child"] += 1
-        else:
-            os.killpg(victim.proc.pid, signal.SIGKILL)
-            victim.proc.wait()
-            kills["worker"] += 1
-            workers = [w for w in workers if w is not victim] + [start_worker(env, concurrency=2)]
+        workers = kill_one(workers, rng, kills, lambda: start_worker(env, concurrency=2))
     assert kills["child"] + kills["worker"] >= 3, kills
 
     try:
