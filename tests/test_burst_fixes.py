@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from reporter import burst, cli, deliver, tasks
+from reporter import burst, cli, defaults, deliver, tasks
 from reporter import ledger as L
 from reporter.audience import BURST_KEY
 from reporter.burst import Piece, Reader
@@ -280,3 +280,19 @@ def test_validate_names_the_query_line_for_a_commented_bind_or_a_cast(tmp_path: 
     [problem] = info.value.problems
     assert (problem.line, problem.field, problem.file) == (13, "reports.r1.query.sql", str(path)), problem
     assert problem.message == message
+
+
+# ----------------------------------------------------------------------------- the sweep's trigger
+
+
+@pytest.mark.parametrize(("trigger", "queue"), [("schedule", defaults.QUEUE_SCHEDULED), ("manual", defaults.QUEUE_URGENT)])
+def test_requeue_publishes_on_the_queue_of_the_rows_trigger(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trigger: str, queue: str
+) -> None:
+    root = make_burst_project(tmp_path, ["a@example.com"])
+    rt = runtime_on(root, ledger)
+    burst.send_burst(rt, "regional", SLOT, None, enqueue=lambda piece: None)
+    published: list[dict[str, Any]] = []
+    monkeypatch.setattr(tasks, "enqueue_send", lambda *args, **kwargs: published.append(kwargs))
+    burst.requeue(rt, "regional", SLOT, ["a@example.com"], trigger=trigger)
+    assert [(p["queue"], p["trigger"], p["only"]) for p in published] == [(queue, trigger, ["a@example.com"])]
