@@ -17,12 +17,13 @@ The send that claims it **plans**:
 A **piece** claims its rows as any send does, reads their parameters from the ledger, renders once per
 parameter set (`slices`) and sends each reader its message (`group: true`: one message per parameter
 set to all its readers). Every invariant of `deliver.ClaimedSlot` holds for it unchanged. A piece
-that shares the rate limit or renders slowly hands the slices it has not started, past PIECE_DEADLINE of
-its soft time limit, to a fresh piece rather than run into the limit and spend a retry.
+that shares the rate limit or renders slowly hands the messages it has not sent, past PIECE_DEADLINE of
+its soft time limit, to a fresh piece rather than run into the limit and spend a retry (nor an attempt:
+the rows handed on are not counted as tried).
 
 **Losing `burst:`.** A live edit can leave a slot's pieces queued for a report that no longer has
 `burst:`: the plain send path hands the rows a planning made to `unplanned_rows`, which records them
-`not-sent`, so a reader never gets the whole report.
+`not-sent`, so a reader never gets the whole report (a row left `sending` says it may have been delivered).
 
 **Crash safety.** The ledger key stays (report, slot, recipient), so a reader gets one email per slot.
 Planning killed midway: its row goes stale and the sweep (or a redelivery) plans again, which is
@@ -48,7 +49,7 @@ from reporter.config import Config, Report, bind_names, normalize_address, reads
 from reporter.data import Table
 from reporter.deliver import ClaimedSlot, Mailing, SendResult, send_message
 from reporter.errors import RenderError, TransientDeliveryError
-from reporter.ledger import FINAL
+from reporter.ledger import FINAL, SENDING
 from reporter.observers import Delivery
 from reporter.render import Rendered, Renderer
 from reporter.runtime import Runtime
@@ -56,13 +57,20 @@ from reporter.runtime import Runtime
 MAX_PIECE = 100
 """Readers per piece at most, however fast the rate limit: a piece killed midway redoes little."""
 
-PIECE_SHARE = 0.5
-"""The share of the soft time limit a piece may spend waiting on the rate limit; the rest is for rendering."""
+PIECE_SHARE = 0.4
+"""The share of the soft time limit a piece may spend waiting on the rate limit; the rest is for rendering
+and SMTP transactions."""
 
-PIECE_DEADLINE = 0.6
-"""The share of the soft time limit after which a piece starts no further slice: it hands the rest to a
+PIECE_DEADLINE = 0.7
+"""The share of the soft time limit after which a piece sends no further message: it hands the rest to a
 fresh piece (other traffic on the rate limit, slow renders) instead of running into the limit and
-spending a retry."""
+spending a retry. The 0.3 left covers the render and SMTP transaction under way when it passes."""
+
+MAY_HAVE_BEEN_DELIVERED = (
+    "may have been delivered before burst: was removed; not sent again, as the report no longer has burst: (configuration {version})"
+)
+"""Why a burst reader's row left `sending` (its piece died after the message's DATA, maybe delivered) gets
+nothing more once its report lost `burst:`."""
 
 NO_LONGER_BURST = (
     "planned as a burst reader's slice, and the report is no longer a burst report (configuration {version}): "
@@ -108,6 +116,9 @@ class Piece:
 
     keys: tuple[str, ...]
     countdown: float
+    runs: float | None = None
+    """When it is expected to really run (seconds from now): past the cap on countdowns, pieces start
+    together and wait behind each other on the rate limit. None: at its countdown."""
 
 
 @dataclass(frozen=True)
@@ -186,28 +197,38 @@ def piece_plan(
     limit has let the earlier pieces' emails through, but no later than LATEST seconds from now (a
     message waiting longer than the broker's visibility timeout is handed to a second worker): pieces
     past it start together and share the rate limit, each handing what it cannot send in time to a
-    fresh piece (`send_piece`'s deadline)."""
+    fresh piece (`send_piece`'s deadline); each still `runs` when the rate limit reaches it."""
     size = piece_size(soft_time_limit, rate, cap)
     ordered = sorted(readers, key=lambda r: (json.dumps(r.params, sort_keys=True, ensure_ascii=False), r.key))
     return [
-        Piece(tuple(r.key for r in ordered[start : start + size]), min((start // size) * size / rate, latest))
+        Piece(tuple(r.key for r in ordered[start : start + size]), min(start / rate, latest), start / rate)
         for start in range(0, len(ordered), size)
     ]
 
 
+def shadowed(sql: str, params: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
+    """The names SQL binds that both a reader's parameter (COLUMNS) and a static query param (PARAMS, one
+    that does not read `reader`) give: the param wins, so every reader binds the same value."""
+    return sorted(k for k in bind_names(sql) & set(params) & set(columns) if not reads_reader(params[k]))
+
+
 def reader_use_problems(sql: str, params: Mapping[str, Any], columns: Sequence[str]) -> list[str]:
     """Why a burst report's query (SQL, its own PARAMS) cannot take its readers' parameters (COLUMNS, the
-    burst rows' columns but the address): names it binds that no column gives, and params that hide a
-    reader's parameter of the same name behind a value that does not read `reader` (params win)."""
+    burst rows' columns but the address): names it binds that no column gives, and, when static params
+    hide every bound reader's parameter (params win), that no reader's data is used at all. Some names
+    shadowed while others still come from the reader is no problem (see `shadowed`)."""
     problems = []
-    missing = sorted(bind_names(sql) - set(params) - set(columns))
+    bound = bind_names(sql)
+    missing = sorted(bound - set(params) - set(columns))
     if missing:
         problems.append(
             f"the report's query binds {', '.join(':' + m for m in missing)}, which the burst rows do not give "
             f"(their parameters: {', '.join(columns) or 'none'})"
         )
-    for key in sorted(set(params) & set(columns)):
-        if not reads_reader(params[key]):
+    hidden = shadowed(sql, params, columns)
+    from_reader = [k for k in bound if (k in params and reads_reader(params[k])) or (k not in params and k in columns)]
+    if hidden and not from_reader:
+        for key in hidden:
             problems.append(
                 f"query.params.{key} replaces every reader's own {key!r} with the same value (query.params win over "
                 f"the reader's parameters); remove it, or compute it from `reader`"
@@ -369,12 +390,14 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
         except TransientDeliveryError as exc:
             held.retry([BURST_KEY], f"burst: {exc}")
             return result
+        hidden: list[str] = []
         if report.query is not None and found:
             columns = list(dict.fromkeys(p for r in found for p in r.params))
             problems = reader_use_problems(report.query.sql, report.query.params, columns)
             if problems:
                 held.failed([BURST_KEY], "burst: " + "; ".join(problems))
                 return result
+            hidden = shadowed(report.query.sql, report.query.params, columns)
         errors = {m.key: m.error for m in malformed}
         # Only rows this planning recorded: a second planning does not tell the owners again.
         for key in rt.ledger.record_failed(name, slot, errors, trigger):
@@ -390,6 +413,8 @@ def plan(rt: Runtime, name: str, slot: datetime, trigger: str, task_id: str | No
             summary += f" ({len(found) - len(todo)} already done)"
         if malformed:
             summary += f"; {len(malformed)} malformed row(s)"
+        if hidden:
+            summary += f"; query.params give every reader the same {', '.join(hidden)} (the readers' own are not used)"
         held.planned(summary)
     return result
 
@@ -399,15 +424,25 @@ def _enqueue_all(rt: Runtime, name: str, slot: datetime, pieces: Sequence[Piece]
     piece that waits for its turn for a lost one, and send it at once in one big task)."""
     started = datetime.now(UTC)
     for piece in pieces:
-        rt.ledger.expect(name, slot, piece.keys, started + timedelta(seconds=piece.countdown))
+        # When it really runs, not its (capped) countdown: a piece waiting behind others on the rate
+        # limit is not lost, and the sweep must not re-enqueue it every grace period meanwhile.
+        runs = piece.countdown if piece.runs is None else max(piece.runs, piece.countdown)
+        rt.ledger.expect(name, slot, piece.keys, started + timedelta(seconds=runs))
         enqueue(piece)
 
 
-def requeue(rt: Runtime, name: str, slot: datetime, keys: Sequence[str], enqueue: Callable[[Piece], None] | None = None) -> None:
+def requeue(
+    rt: Runtime,
+    name: str,
+    slot: datetime,
+    keys: Sequence[str],
+    enqueue: Callable[[Piece], None] | None = None,
+    trigger: str = "schedule",
+) -> None:
     """The sweep's re-enqueue of burst report NAME's lost or abandoned rows KEYS: the planning row as
     a planning, the readers in pieces as planning makes them (never one task for all of them).
-    ENQUEUE publishes a piece (default: a send task on the scheduled queue)."""
-    publish = enqueue or _publisher(rt, name, slot, "schedule")
+    ENQUEUE publishes a piece (default: a send task on the queue the rows' TRIGGER belongs on)."""
+    publish = enqueue or _publisher(rt, name, slot, trigger)
     # Dead rows (claimed by an execution that died) first go back to queued, so that `expect` stamps them
     # with their piece's start and the next sweep does not take them again and send them in a piece of its own.
     rt.ledger.requeue_dead(name, slot, keys, datetime.now(UTC) - timedelta(seconds=rt.stale_after))
@@ -434,20 +469,28 @@ def unplanned_rows(
 ) -> list[str]:
     """ONLY (a send's addresses for report NAME, which has no `burst:`) without the rows a burst planning
     made: the planning row and readers' rows with parameters, left queued or in flight by a configuration
-    that had `burst:`. Those are claimed and recorded `not-sent` (NO_LONGER_BURST), never sent the whole
-    report; what is left is returned."""
+    that had `burst:`. Those are claimed and recorded `not-sent` (NO_LONGER_BURST; MAY_HAVE_BEEN_DELIVERED
+    for a row left `sending`, whose slice the reader may have), never sent the whole report; what is left
+    is returned."""
     keyed = {a: a if a.startswith("(") else key_of(a) for a in only}
     stored = rt.ledger.params_of(name, slot, [k for k in keyed.values() if k != BURST_KEY])
     sliced = [k for k in dict.fromkeys(keyed.values()) if k == BURST_KEY or stored.get(k)]
     if not sliced:
         return list(only)
+    # Read before the claim turns them `rendering`: only a stale claim is taken, so a `sending` row stays so.
+    before = rt.ledger.statuses(name, slot)
     claim = rt.ledger.claim(name, slot, sliced, rt.stale_after, task_id, config_version=rt.config.version)
     result.already.extend(claim.done)
     result.busy.extend(claim.busy)
     result.busy_until = claim.busy_until
     if claim.mine:
-        why = NO_LONGER_BURST.format(version=rt.config.version)
-        ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine).not_sent(claim.mine, why)
+        held = ClaimedSlot(rt.ledger, rt.observers, result, claim.token, claim.mine)
+        maybe = [k for k in claim.mine if before.get(k) == SENDING]
+        if maybe:
+            held.not_sent(maybe, MAY_HAVE_BEEN_DELIVERED.format(version=rt.config.version))
+        rest = [k for k in claim.mine if k not in maybe]
+        if rest:
+            held.not_sent(rest, NO_LONGER_BURST.format(version=rt.config.version))
     return [a for a, k in keyed.items() if k not in sliced]
 
 
@@ -462,9 +505,10 @@ def send_piece(
 ) -> SendResult:
     """Deliver the burst readers ONLY names, each their own slice, exactly once each.
 
-    Past DEADLINE (time.monotonic()), the slices not started yet are handed back and ENQUEUEd as a fresh
-    piece (not a retry: no retry is spent on waiting) and this one returns; the first slice is always
-    tried, so every piece gets somewhere."""
+    Past DEADLINE (time.monotonic()), checked before each message, the rows not sent yet (the rest of the
+    slice under way too) are handed back and ENQUEUEd as a fresh piece (not a retry, nor an attempt: no
+    try is spent on waiting) and this one returns; the first message is always tried, so every piece gets
+    somewhere."""
     report = rt.config.report(name)
     keys = list(dict.fromkeys(key_of(a) for a in only))
     result = SendResult(name, slot)
@@ -491,6 +535,11 @@ def send_piece(
                     continue
                 mailing = Mailing.of(rt, name, report, rendered, Audience(part.addresses, {}, {}), part.keys)
                 for index in range(len(mailing.messages)):
+                    # One slice may be most of the piece (readers sharing parameters, one message each):
+                    # the rest of it goes too, and the fresh piece renders it again.
+                    if (number or index) and deadline is not None and time.monotonic() > deadline:
+                        _hand_on(rt, held, enqueue or _publisher(rt, name, slot, "schedule"))
+                        return result
                     if not send_message(rt, held, mailer, mailing, index):
                         # The server or the network is in trouble: the slices not tried yet go back for the retry too.
                         rest = [k for k in held.pending if k not in held.in_flight]
@@ -505,7 +554,8 @@ def send_piece(
 def _hand_on(rt: Runtime, held: ClaimedSlot, enqueue: Callable[[Piece], None]) -> None:
     """Hand HELD's rows not tried yet back (queued) and enqueue them as a fresh piece that starts now."""
     rest = tuple(k for k in held.pending if k not in held.in_flight)
-    held.release("the piece ran out of time before this slice: handed to a fresh piece")
+    # Not a try: the fresh piece's claim counts the attempt, so waiting never reaches the sweep's give-up.
+    held.hand_back("the piece ran out of time before this message: handed to a fresh piece")
     if rest:
         _enqueue_all(rt, held.report, held.slot, [Piece(rest, 0.0)], enqueue)
 

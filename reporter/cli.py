@@ -419,9 +419,12 @@ def _send_burst(rt: Runtime, report: str, at: datetime, to: list[str], as_: str 
         else:
             _send_async(rt, report, at, keys, wait)
     elif sync:
+        # A local work list, pieces and their hand-ons alike: --sync creates no Celery app, so nothing is published.
         pieces: list[burst.Piece] = []
         results.append(burst.send_burst(rt, report, at, None, "manual", enqueue=pieces.append))
-        results.extend(deliver.send_slot(rt, report, at, only=list(piece.keys), trigger="manual") for piece in pieces)
+        while pieces:
+            piece = pieces.pop(0)
+            results.append(burst.send_burst(rt, report, at, list(piece.keys), "manual", enqueue=pieces.append))
     else:
         _send_async(rt, report, at, [], wait)
     for result in results:

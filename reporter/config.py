@@ -693,6 +693,9 @@ def _check(data: dict[str, Any], file: str, line_of: Any, templates_dir: Path, t
         burst = report.get("burst")
         queries = {(*loc, "query"): report.get("query"), (*loc, "burst", "query"): burst.get("query") if isinstance(burst, dict) else None}
         for query_loc, query in queries.items():
+            if isinstance(query, dict) and isinstance(query.get("sql"), str):
+                for why in cast_problems(query["sql"]):
+                    bad((*query_loc, "sql"), why)
             source_name = query.get("datasource") if isinstance(query, dict) else None
             if isinstance(source_name, str) and source_name not in datasources:
                 known = ", ".join(sorted(datasources)) or "none defined"
@@ -735,12 +738,33 @@ def _check_alert(report: dict[str, Any], loc: Path_, bad: Any, templates: Mappin
 _READS_READER = re.compile(r"\breader\b")
 
 
+_SQL_NOT_CODE = re.compile(r"--[^\n]*|/\*.*?(?:\*/|\Z)|'(?:[^']|'')*'?|\"(?:[^\"]|\"\")*\"?", re.DOTALL)
+"""Comments (`--`, `/* */`) and quoted literals and identifiers: a `:name` there binds nothing that matters."""
+
+_PG_CAST = re.compile(r"(?<![:\w\\]):(\w+)::(\w+)")
+
+
+def sql_code(sql: str) -> str:
+    """SQL without its comments and quoted strings (each replaced by a space), where bind names are read."""
+    return _SQL_NOT_CODE.sub(" ", sql)
+
+
 def bind_names(sql: str) -> set[str]:
     """The names SQL binds (`:region`), as SQLAlchemy's text() finds them (it ignores a value given for
-    any other name, silently)."""
+    any other name, silently), outside comments and quoted strings: a commented-out `-- and region =
+    :region` binds nothing the query uses."""
     import sqlalchemy as sa
 
-    return set(sa.text(sql).compile().params)
+    return set(sa.text(sql_code(sql)).compile().params)
+
+
+def cast_problems(sql: str) -> list[str]:
+    """Why SQL's PostgreSQL-style casts of a bind (`:since::date`) do not work: SQLAlchemy does not take
+    `:since` followed by `:` for a bind, so the database gets the text as written."""
+    return [
+        f":{name}::{kind} is not a bind parameter to SQLAlchemy (a ':' follows the name); write CAST(:{name} AS {kind})"
+        for name, kind in _PG_CAST.findall(sql_code(sql))
+    ]
 
 
 def reads_reader(value: Any) -> bool:

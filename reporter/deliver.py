@@ -151,6 +151,14 @@ class ClaimedSlot:
             self.ledger.release(self.token, self.report, self.slot, untried, why)
             self._settled(untried)
 
+    def hand_back(self, why: str) -> None:
+        """Hand back the claimed rows never tried, as `release`, but not counting this claim as an attempt
+        on them (a burst piece handing them to a fresh piece has not tried them)."""
+        untried = [r for r in self.pending if r not in self.in_flight]
+        if untried:
+            self.ledger.hand_back(self.token, self.report, self.slot, untried, why)
+            self._settled(untried)
+
     def __enter__(self) -> ClaimedSlot:
         return self
 

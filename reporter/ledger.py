@@ -562,6 +562,15 @@ class Ledger:
         """Give the rows back (queued) after a transient failure, keeping the error for history."""
         return self._update(token, report, slot, recipients, status=QUEUED, error=error[:4000], claim_token=None, claimed_at=None)
 
+    def hand_back(self, token: str, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
+        """Give back rows TOKEN claimed and never tried (a burst piece's hand-on): queued, without the
+        attempt their claim counted, so that `attempts` counts real tries and the sweep's give-up is not
+        reached by waiting. Guarded like `_update`: only rows TOKEN still holds in flight change."""
+        c = deliveries.c
+        held = _key(report, slot, recipients) & (c.claim_token == token) & c.status.in_(IN_FLIGHT)
+        values = {"status": QUEUED, "error": why[:4000], "claim_token": None, "claimed_at": None}
+        return self._set(held, attempts=sa.case((c.attempts > 0, c.attempts - 1), else_=0), **values)
+
     def mark_skipped(self, report: str, slot: datetime, recipients: Sequence[str], why: str) -> int:
         return self._set(_key(report, slot, recipients) & (deliveries.c.status == QUEUED), status=SKIPPED, error=why)
 

@@ -36,8 +36,8 @@ def test_a_burst_of_50_readers_across_two_workers_with_sigkills_reaches_each_rea
 ) -> None:
     readers = [f"r{i:02d}@example.com" for i in range(50)]
     region_of = {address: REGIONS[i % len(REGIONS)] for i, address in enumerate(readers)}
-    # 4 emails a second and a 10 s soft limit: pieces of 20 readers, 5 s apart.
-    root = make_burst_project(tmp_path / "p", list(readers), rate="4/s", soft=10, hard=15)
+    # 4 emails a second and a 13 s soft limit: pieces of 20 readers, 5 s apart.
+    root = make_burst_project(tmp_path / "p", list(readers), rate="4/s", soft=13, hard=15)
     # A sweep every 5 s, and claims of the dead stale 2 s past the hard limit: what the kills leave is found sooner.
     env = env_for(
         root,
@@ -109,8 +109,8 @@ def test_send_through_the_workers_plans_and_prints_every_row_of_the_burst(
     tmp_path: Path, fresh_redis: str, inbox: Inbox, start_worker: Callable[..., Worker]
 ) -> None:
     addresses: list[str | None] = ["a@example.com", "b@example.com", "nope", "c@example.com"]
-    # 2 emails a second and a 2 s soft limit: pieces of 2 readers, 1 s apart.
-    root = make_burst_project(tmp_path / "p", addresses, rate="2/s", soft=2, hard=10)
+    # 2 emails a second and a 3 s soft limit: pieces of 2 readers, 1 s apart.
+    root = make_burst_project(tmp_path / "p", addresses, rate="2/s", soft=3, hard=10)
     env = env_for(root, REPORTER_BROKER_URL=fresh_redis, REPORTER_SMTP_URL=inbox.url)
     start_worker(env, concurrency=2)
     done = run_cli("send", "regional", "--slot", "2026-03-02T07:00", "--wait", "60", env=env, cwd=root)

@@ -147,7 +147,7 @@ def test_a_burst_reports_query_must_use_the_readers_parameters(tmp_path: Path, s
         ),
         pytest.param("select 1 where region = :region", {"region": "{{ reader.area }}"}, ["area"], [], id="params-give-it"),
         pytest.param(
-            "select 1 where region = :region and team = :team",
+            "select 1 where region = :region",
             {"region": "North"},
             ["region", "team"],
             [
@@ -182,7 +182,7 @@ def test_a_burst_query_that_binds_a_parameter_no_reader_has_fails_the_planning_a
 
 def test_the_sweep_hands_dead_burst_rows_back_once_and_does_not_take_them_again(ledger: Ledger, tmp_path: Path) -> None:
     addresses = [f"r{i}@example.com" for i in range(4)]
-    root = make_burst_project(tmp_path, addresses, rate="1/s", soft=4, hard=10)  # 2 readers a piece
+    root = make_burst_project(tmp_path, addresses, rate="1/s", soft=5, hard=10)  # 2 readers a piece
     rt = runtime_on(root, ledger)
     burst.send_burst(rt, "regional", SLOT, None, enqueue=lambda piece: None)
     # A piece's worker was killed mid-send: its rows stay claimed, long ago.
@@ -237,7 +237,7 @@ def reader(key: str, region: str) -> Reader:
 )
 def test_piece_countdowns_stay_below_the_latest_start(count: int, latest: float, countdowns: list[float]) -> None:
     readers = [reader(f"r{i:02d}@x.com", "North") for i in range(count)]
-    assert [p.countdown for p in burst.piece_plan(readers, 6, 1.0, latest=latest)] == countdowns
+    assert [p.countdown for p in burst.piece_plan(readers, 8, 1.0, latest=latest)] == countdowns
 
 
 def test_a_piece_past_its_deadline_hands_the_slices_not_started_to_a_fresh_piece(ledger: Ledger, tmp_path: Path) -> None:
@@ -255,7 +255,7 @@ def test_a_piece_past_its_deadline_hands_the_slices_not_started_to_a_fresh_piece
     assert sorted(fresh.keys) == sorted(k for k in addresses if k not in result.sent) and fresh.countdown == 0.0
     statuses = ledger.statuses("regional", SLOT)
     assert [statuses[k] for k in fresh.keys] == ["queued", "queued"]
-    assert all(r.attempts == 1 for r in ledger.rows(report="regional") if r.recipient in fresh.keys)
+    assert all(r.attempts == 0 for r in ledger.rows(report="regional") if r.recipient in fresh.keys)  # a hand-on is no try
     burst.send_piece(rt, "regional", SLOT, fresh.keys)
     assert sorted(str(m["To"]) for m in received(root / "outbox")) == addresses
 
