@@ -222,7 +222,7 @@ def sweep() -> dict[str, Any]:
         if again:
             log.warning("sweep: re-enqueuing %s %s for %d recipient(s)", report, isoformat(slot), len(again))
             if rt.config.reports[report].burst is not None:
-                burst.requeue(rt, report, slot, again)  # in pieces, each within the time limit
+                burst.requeue(rt, report, slot, again, trigger=trigger)  # in pieces, each within the time limit
             else:
                 queue = defaults.QUEUE_URGENT if trigger == "manual" else defaults.QUEUE_SCHEDULED
                 enqueue_send(rt, Due(report, slot), queue=queue, only=again, trigger=trigger)

@@ -13,7 +13,7 @@ import io
 import json
 import mailbox
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
@@ -134,12 +134,10 @@ def env_for(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    url = f"sqlite:///{tmp_path}/l.db" if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    made = Ledger.from_url(url)
-    yield made
-    made.dispose()
+@pytest.fixture
+def ledger(open_ledger: Callable[[], Ledger]) -> Ledger:
+    """A ledger on SQLite and on PostgreSQL (conftest's open_ledger)."""
+    return open_ledger()
 
 
 def runtime_on(root: Path, ledger: Ledger) -> Runtime:
