@@ -322,7 +322,7 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     if spec.burst is not None:
         targets = _send_burst(rt, report, at, list(to), as_, sync, wait)
     elif as_ is not None:
-        fail(f"--as: report {report!r} has no burst: readers; --as picks a burst reader's slice")
+        fail(no_readers(report))
     elif sync:
         click.echo(f"sending {report} for {at.isoformat()} via {destination(rt.settings.smtp_url, rt.settings.outbox)}", err=True)
         result = deliver.send_slot(rt, report, at, only=list(to) or None, trigger="manual")
@@ -353,6 +353,11 @@ def send(obj: Context, report: str, to: tuple[str, ...], slot: str | None, now_:
     sys.exit(EXIT_DELIVERY if failed else EXIT_OK)
 
 
+def no_readers(report: str) -> str:
+    """What `--as` on REPORT, which has no burst:, is told."""
+    return f"--as: report {report!r} has no burst: readers; --as picks a burst reader's slice"
+
+
 def _burst_reader(renderer: Renderer, report: str, at: datetime, as_: str | None) -> tuple[dict[str, object] | None, int]:
     """For `preview`: the reader of burst REPORT whose slice to render (AS_, else the first), and how many
     readers there are; (None, 0) for a report without burst:."""
@@ -361,7 +366,7 @@ def _burst_reader(renderer: Renderer, report: str, at: datetime, as_: str | None
 
     if renderer.config.reports[report].burst is None:
         if as_ is not None:
-            fail(f"--as: report {report!r} has no burst: readers; --as picks a burst reader's slice")
+            fail(no_readers(report))
         return None, 0
     found, _ = burst.readers(renderer, report, at)
     if not found:
